@@ -1,0 +1,5 @@
+"""Adapters, one file per model family; importing this package registers them."""
+from .base import Adapter, find_adapter, register_adapter
+from . import timm_vit  # noqa: F401,E402  (registers the timm VisionTransformer adapter)
+
+__all__ = ["Adapter", "find_adapter", "register_adapter"]

@@ -1,0 +1,301 @@
+"""Adapter for timm's ``VisionTransformer`` family (ViT, DeiT, distilled DeiT, registers, avg-pool, MAE-style).
+
+How it hooks in, per instance and reversibly:
+
+- ``forward_features`` / ``forward_intermediates`` get a thin wrapper that starts a fresh :class:`ForwardState`
+  and then runs timm's own method unchanged.
+- Every ``Block`` gets an instance ``forward`` that runs the block's own submodules (norm1, attn, ls1, drop path,
+  norm2, mlp, ls2) in timm's order and puts the reduction site between the attention residual and the MLP (or
+  after the block). timm's ``Attention`` runs untouched: proportional attention is the additive float mask
+  ``log(size)`` it passes to ``F.scaled_dot_product_attention``, so fused attention stays on.
+- Keys (and queries, when a method needs the CLS attention row or the attention matrix) are read with forward
+  hooks on ``attn.k_norm`` / ``attn.q_norm``, i.e. exactly the tensors SDPA used, at no extra projection cost.
+  Hooks are installed only in layers where the method acts.
+- ``pool`` is wrapped so an average-pooled head weights tokens by size.
+
+Nothing is copied into the model's ``state_dict`` and no class is rebound.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from ..methods.base import Geometry, ReductionMethod, Site
+from ..state import ForwardState, ReductionInfo, TokenState
+from .base import Adapter, register_adapter
+
+try:  # timm is a hard dependency of the package, but keep import errors readable
+    from timm.layers import Attention as TimmAttention
+    from timm.models.vision_transformer import Block as TimmBlock
+    from timm.models.vision_transformer import VisionTransformer
+except ImportError:  # pragma: no cover
+    VisionTransformer = TimmBlock = TimmAttention = None  # type: ignore
+
+_ENTRY_POINTS = ("forward_features", "forward_intermediates")
+
+
+def _linear_macs_per_token(module: nn.Module) -> int:
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def _head_macs(model: nn.Module) -> int:
+    total = 0
+    for name in ("head", "head_dist"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Linear):
+            total += head.in_features * head.out_features
+    return total
+
+
+def _embed_macs(model: nn.Module, img_hw) -> int:
+    pe = model.patch_embed
+    if hasattr(pe, "dynamic_feat_size") and img_hw is not None:
+        gh, gw = pe.dynamic_feat_size(tuple(int(v) for v in img_hw))
+    else:
+        gh, gw = pe.grid_size
+    proj = getattr(pe, "proj", None)
+    if isinstance(proj, nn.Conv2d):
+        per_patch = proj.out_channels * (proj.in_channels // proj.groups) * proj.kernel_size[0] * proj.kernel_size[1]
+    else:
+        per_patch = _linear_macs_per_token(pe)
+    return int(gh * gw * per_patch)
+
+
+@register_adapter
+class TimmViTAdapter(Adapter):
+    name = ("timm.models.vision_transformer.VisionTransformer and subclasses built from timm's Block/Attention "
+            "(ViT, DeiT, distilled DeiT, registers, class_token=False, avg pool, dynamic_img_size)")
+    provides = frozenset({"keys", "keys_per_head", "cls_attn", "attn"})
+    sites = frozenset({Site.BLOCK_MID, Site.BLOCK_OUT})
+
+    @classmethod
+    def claims(cls, model: nn.Module) -> bool:
+        return VisionTransformer is not None and isinstance(model, VisionTransformer)
+
+    @classmethod
+    def check_model(cls, model: nn.Module) -> None:
+        for i, blk in enumerate(model.blocks):
+            if type(blk).forward is not TimmBlock.forward:
+                raise ValueError(
+                    f"{type(model).__name__}.blocks[{i}] is a {type(blk).__name__}, whose forward differs from "
+                    "timm's Block; tokenreduce supports ViTs built from timm.models.vision_transformer.Block "
+                    "(e.g. vit_*, deit_*, not EVA, Swin or parallel-block models).")
+            attn = blk.attn
+            if not isinstance(attn, TimmAttention) or type(attn).forward is not TimmAttention.forward:
+                raise ValueError(
+                    f"{type(model).__name__}.blocks[{i}].attn is a {type(attn).__name__}; tokenreduce needs timm's "
+                    "timm.layers.Attention (rotary or custom attention is not supported).")
+
+    # ----------------------------------------------------------------------------------------------------------
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.fs: Optional[ForwardState] = None
+        self.method: Optional[ReductionMethod] = None
+        self._hooks: List[Any] = []
+        blocks = list(model.blocks)
+        self._attn_macs_per_token = [_linear_macs_per_token(b.attn) for b in blocks]
+        self._attn_dim = [b.attn.num_heads * b.attn.head_dim for b in blocks]
+        self._mlp_macs_per_token = [_linear_macs_per_token(b.mlp) for b in blocks]
+
+    def geometry(self) -> Geometry:
+        m = self.model
+        return Geometry(
+            num_blocks=len(m.blocks),
+            num_prefix=int(m.num_prefix_tokens),
+            num_patches=getattr(m.patch_embed, "num_patches", None),
+            dim=int(m.embed_dim),
+            num_heads=int(m.blocks[0].attn.num_heads),
+            has_class_token=getattr(m, "cls_token", None) is not None,
+        )
+
+    def install(self, method: ReductionMethod, options: Dict[str, Any]) -> None:
+        model = self.model
+        self.method = method
+        self.trace_source = bool(options.get("trace_source", False))
+        self.size_weighted_pool = bool(options.get("size_weighted_pool", True))
+        self.num_prefix = int(model.num_prefix_tokens)
+        n = len(model.blocks)
+        self._acts = [method.acts_at(i) for i in range(n)]
+        self._needs = [method.needs_at(i) if self._acts[i] else frozenset() for i in range(n)]
+        self._site_mid = method.site == Site.BLOCK_MID
+
+        cls = type(model)
+        model.forward_features = self._entry(cls.forward_features)
+        model.forward_intermediates = self._intermediates_entry(cls.forward_intermediates)
+        if hasattr(cls, "pool"):
+            self._class_pool = cls.pool
+            model.pool = self._pool
+        for i, blk in enumerate(model.blocks):
+            blk.forward = functools.partial(self._block_forward, blk, i)
+            needs = self._needs[i]
+            if needs & {"keys", "keys_per_head", "cls_attn", "attn"}:
+                self._hooks.append(blk.attn.k_norm.register_forward_hook(self._tap("k")))
+            if needs & {"cls_attn", "attn"}:
+                self._hooks.append(blk.attn.q_norm.register_forward_hook(self._tap("q")))
+
+    def uninstall(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        for name in _ENTRY_POINTS + ("pool",):
+            self.model.__dict__.pop(name, None)
+        for blk in self.model.blocks:
+            blk.__dict__.pop("forward", None)
+        self.fs = None
+
+    # ----------------------------------------------------------------------------------------------------------
+    def _begin(self, img: Optional[torch.Tensor]) -> None:
+        self.fs = ForwardState()
+        self.fs.extras["img_hw"] = tuple(img.shape[-2:]) if torch.is_tensor(img) and img.dim() == 4 else None
+
+    def _entry(self, fn):
+        model = self.model
+
+        @functools.wraps(fn)
+        def forward_features(x, *args, **kwargs):
+            self._begin(x)
+            return fn(model, x, *args, **kwargs)
+
+        return forward_features
+
+    def _intermediates_entry(self, fn):
+        model = self.model
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def forward_intermediates(x, *args, **kwargs):
+            bound = signature.bind(model, x, *args, **kwargs)
+            bound.apply_defaults()
+            if bound.arguments.get("output_fmt") == "NCHW" and any(self._acts):
+                raise ValueError("a model patched with a token-reducing method has no spatial grid after the first "
+                                 "reduction: call forward_intermediates(..., output_fmt='NLC')")
+            self._begin(x)
+            return fn(model, x, *args, **kwargs)
+
+        return forward_intermediates
+
+    def _tap(self, name: str):
+        def hook(module, inputs, output):
+            self.fs.taps[name] = output
+        return hook
+
+    def _attention_bias(self, attn_mask: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
+        size = self.fs.size
+        bias = self.method.attention_bias(size if size is not None and size.shape[1] == n else None)
+        if attn_mask is None:
+            return bias
+        if attn_mask.shape[-1] != n:
+            raise ValueError(f"attn_mask covers {attn_mask.shape[-1]} tokens but {n} remain after token reduction; "
+                             "masks cannot follow merged tokens (reduce only after the masked blocks)")
+        if attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros_like(attn_mask, dtype=self.fs.size.dtype if size is not None else torch.float32
+                                         ).masked_fill(~attn_mask, float("-inf"))
+        return attn_mask if bias is None else attn_mask + bias
+
+    def _block_forward(self, blk: nn.Module, layer: int, x: torch.Tensor,
+                       attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        fs = self.fs
+        if fs is None:  # a block called on its own, outside the model's forward
+            self._begin(None)
+            fs = self.fs
+        n_in = x.shape[1]
+        bias = self._attention_bias(attn_mask, n_in)
+        attn_kwargs = {"attn_mask": bias}
+        if is_causal:
+            attn_kwargs["is_causal"] = True
+        x = x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x), **attn_kwargs)))
+        acts = self._acts[layer]
+        if acts and self._site_mid:
+            x = self._reduce(x, layer, blk, bias)
+        n_mid = x.shape[1]
+        x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        if acts and not self._site_mid:
+            x = self._reduce(x, layer, blk, bias)
+        fs.blocks.append((n_in, n_mid, x.shape[1]))
+        fs.extras["out"] = (x.shape[0], x.dtype, x.device)
+        fs.taps.clear()
+        return x
+
+    def _reduce(self, x: torch.Tensor, layer: int, blk: nn.Module, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        fs = self.fs
+        needs = self._needs[layer]
+        state = TokenState(x=x, size=fs.ensure_size(x),
+                           source=fs.ensure_source(x) if self.trace_source else None,
+                           num_prefix=self.num_prefix, layer=layer)
+        if needs:
+            k = fs.taps["k"]
+            if "keys" in needs:
+                state.keys = k.mean(dim=1)
+            if "keys_per_head" in needs:
+                state.extras["keys_per_head"] = k
+            if "attn" in needs:
+                state.attn = self._attention_probs(fs.taps["q"], k, blk.attn.scale, bias)
+                if "cls_attn" in needs:
+                    state.cls_attn = state.attn[:, :, 0].mean(dim=1)
+            elif "cls_attn" in needs:
+                q_cls = fs.taps["q"][:, :, :1]
+                cls_bias = bias[..., :1, :] if bias is not None else None
+                state.cls_attn = self._attention_probs(q_cls, k, blk.attn.scale, cls_bias)[:, :, 0].mean(dim=1)
+        out = self.method.reduce(state)
+        if out is state:
+            return x
+        n = out.x.shape[1]
+        if out.size.shape[1] != n or (out.source is not None and out.source.shape[1] != n):
+            raise RuntimeError(f"{self.method.name} returned inconsistent token state at layer {layer}")
+        fs.size, fs.source = out.size, out.source
+        kept = out.extras.get("kept")
+        if kept is not None:
+            fs.kept[layer] = kept
+        return out.x
+
+    @staticmethod
+    def _attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float,
+                         bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """Post-softmax attention ``[B, H, Nq, N]`` for the queries ``q [B, H, Nq, d]`` (O(Nq·N·d))."""
+        logits = (q * scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        return logits.softmax(dim=-1)
+
+    def _pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
+        model, fs = self.model, self.fs
+        pool_type = model.global_pool if pool_type is None else pool_type
+        size = fs.size if fs is not None else None
+        if (not self.size_weighted_pool or size is None or getattr(model, "attn_pool", None) is not None
+                or pool_type not in ("avg", "avgmax") or size.shape[1] != x.shape[1]):
+            return self._class_pool(model, x, pool_type=pool_type)
+        start = 0 if getattr(model, "pool_include_prefix", False) else self.num_prefix
+        tokens, weight = x[:, start:], size[:, start:, None].to(x.dtype)
+        mean = (tokens * weight).sum(dim=1) / weight.sum(dim=1)
+        return mean if pool_type == "avg" else 0.5 * (tokens.amax(dim=1) + mean)
+
+    # ----------------------------------------------------------------------------------------------------------
+    def info(self) -> ReductionInfo:
+        fs = self.fs
+        if fs is None or not fs.blocks:
+            raise RuntimeError("no forward has run since the model was patched: call the model first")
+        batch, dtype, device = fs.extras["out"]
+        n_out = fs.blocks[-1][2]
+        size = fs.size if fs.size is not None else torch.ones(batch, n_out, dtype=dtype, device=device)
+        source = fs.source
+        if self.trace_source and source is None:
+            source = torch.eye(n_out, dtype=dtype, device=device).expand(batch, n_out, n_out)
+        return ReductionInfo(
+            size=size.detach(),
+            source=source.detach() if source is not None else None,
+            tokens_per_layer=[b[0] for b in fs.blocks],
+            flops=self.flops(fs),
+            kept=dict(fs.kept),
+        )
+
+    def flops(self, fs: ForwardState) -> int:
+        """Analytic MACs per image of the forward recorded in ``fs`` (convention in ``ops.flops``)."""
+        total = _embed_macs(self.model, fs.extras.get("img_hw")) + _head_macs(self.model)
+        for i, (n_attn, n_mlp, _) in enumerate(fs.blocks):
+            total += n_attn * self._attn_macs_per_token[i] + 2 * n_attn * n_attn * self._attn_dim[i]
+            total += n_mlp * self._mlp_macs_per_token[i]
+        return int(total)

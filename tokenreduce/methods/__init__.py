@@ -1,0 +1,7 @@
+"""One file per method, each registered by name; importing this package registers the built-in ones."""
+from .base import Geometry, Param, ReductionMethod, Site
+from .registry import COMMON_PARAMS, get_method, list_methods, method_params, register_method, resolve_params
+from . import tome  # noqa: F401,E402  (registers "tome")
+
+__all__ = ["COMMON_PARAMS", "Geometry", "Param", "ReductionMethod", "Site", "get_method", "list_methods",
+           "method_params", "register_method", "resolve_params"]

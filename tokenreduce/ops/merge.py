@@ -1,0 +1,64 @@
+"""Weighted merging, pruning and source tracking: the one set of token-moving functions every method uses.
+
+A merge is described by an *assignment*: ``assign [B, N]`` maps every input token to the output slot it
+joins (``0 <= assign < M``). Output slot ``m`` is the size-weighted mean of the tokens assigned to it, and its
+size is their summed size. Pruning is a gather. Both keep the batch dimension: counts are shared by the
+batch, choices are per sample.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+
+def merge_weighted(
+    x: torch.Tensor, size: torch.Tensor, assign: torch.Tensor, num_out: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted mean of the tokens that share an output slot.
+
+    Args:
+        x: ``[B, N, C]`` tokens.
+        size: ``[B, N]`` tokens each one stands for.
+        assign: ``[B, N]`` int64 output slot of every token, in ``[0, num_out)``; every slot is used.
+        num_out: M, the number of output tokens.
+
+    Returns:
+        ``x' [B, M, C]`` with ``x'_m = sum_{i->m} size_i x_i / sum_{i->m} size_i`` and ``size' [B, M]``.
+
+    Reads x once and writes x' once: ``(N + M)·C`` elements (the Triton kernel fuses the division).
+    """
+    b, _, c = x.shape
+    weighted = x * size.unsqueeze(-1).to(x.dtype)
+    summed = x.new_zeros(b, num_out, c).scatter_add_(1, assign.unsqueeze(-1).expand(-1, -1, c), weighted)
+    new_size = size.new_zeros(b, num_out).scatter_add_(1, assign, size)
+    return summed / new_size.unsqueeze(-1).to(x.dtype), new_size
+
+
+def merge_mean(x: torch.Tensor, assign: torch.Tensor, num_out: int) -> torch.Tensor:
+    """Unweighted mean of the tokens that share an output slot: ``x [B, N, C] -> [B, M, C]``."""
+    ones = x.new_ones(x.shape[:2])
+    return merge_weighted(x, ones, assign, num_out)[0]
+
+
+def merge_source(source: torch.Tensor, assign: torch.Tensor, num_out: int) -> torch.Tensor:
+    """Union of the input-token sets of the tokens that share an output slot.
+
+    Args:
+        source: ``[B, N, N0]`` 0/1 membership.
+        assign: ``[B, N]`` output slot of every token.
+        num_out: M.
+
+    Returns:
+        ``[B, M, N0]`` 0/1 membership.
+    """
+    b, _, n0 = source.shape
+    out = source.new_zeros(b, num_out, n0)
+    return out.scatter_reduce_(1, assign.unsqueeze(-1).expand(-1, -1, n0), source, reduce="amax")
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Select tokens per sample: ``x [B, N, ...]``, ``index [B, M]`` -> ``[B, M, ...]``."""
+    idx = index.reshape(index.shape + (1,) * (x.dim() - 2)).expand(*index.shape, *x.shape[2:])
+    return x.gather(1, idx)
+
