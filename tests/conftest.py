@@ -1,0 +1,69 @@
+"""Shared test helpers: the upstream fixtures in ../shared/fixtures and tiny timm models built in the test."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("TOKENREDUCE_SHARED", REPO.parent / "shared"))
+FIXTURES = SHARED / "fixtures"
+
+
+def _load_checker(name: str):
+    path = SHARED / "tools" / f"{name}.py"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: the tests need ../shared beside the checkout")
+    spec = importlib.util.spec_from_file_location(f"_tokenreduce_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fixture_cases(method: str, call: str = "forward"):
+    """Names of the cases in ../shared/fixtures/<method>/ whose call is ``call``."""
+    folder = FIXTURES / method
+    names = []
+    for path in sorted(folder.glob("*.json")):
+        case = json.loads(path.read_text())
+        if case.get("method") == method and case.get("call", "forward") == call:
+            names.append(path.stem)
+    return names
+
+
+def load_case(method: str, name: str):
+    """``(case json, tensors)`` of one fixture case."""
+    from safetensors.torch import load_file
+    path = FIXTURES / method / f"{name}.json"
+    return json.loads(path.read_text()), load_file(str(path.with_suffix(".safetensors")))
+
+
+def run_forward_fixture(method: str, name: str):
+    """Run one forward case exactly as ../shared/tools/check_fixtures.py does; returns {tensor: (ok, err, msg)}."""
+    checker = _load_checker("check_fixtures")
+    case, tensors = load_case(method, name)
+    return checker.run_forward_case(case, tensors, str(FIXTURES / "models"))
+
+
+def build_fixture_model(name: str) -> torch.nn.Module:
+    """A model under ../shared/fixtures/models, weights loaded, float64, eval mode."""
+    return _load_checker("check_fixtures").build_model(str(FIXTURES / "models"), name)
+
+
+def tiny_vit(**overrides) -> torch.nn.Module:
+    """A small random timm VisionTransformer (no download)."""
+    from timm.models.vision_transformer import VisionTransformer
+    kwargs = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=10, qkv_bias=True)
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    return VisionTransformer(**kwargs).eval()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
