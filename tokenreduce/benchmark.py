@@ -3,12 +3,13 @@
     python tools/benchmark.py --model vit_base_patch16_224 --batch-size 256 --dtype bf16 --device cuda \\
         --run tome:r=13 --run tome:r=16 --run "tome:r=[16,-1.0]"
 
-Each run: warm-up iterations, then ``--repeats`` timed runs of ``--iters`` forwards each, synchronised, and the
-median run is reported. Also importable: :func:`benchmark`.
+Every configuration is warmed up, then the configurations take turns for ``--repeats`` rounds of ``--iters``
+synchronised forwards each; the median round of each is reported. Also importable: :func:`benchmark`.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import platform
@@ -73,20 +74,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_forward(model: torch.nn.Module, x: torch.Tensor, iters: int, repeats: int, warmup: int) -> float:
-    """Median images per second over ``repeats`` synchronised runs of ``iters`` forwards."""
+def time_forwards(models: Sequence[torch.nn.Module], x: torch.Tensor, iters: int, repeats: int,
+                  warmup: int) -> List[float]:
+    """Median images per second of each model over ``repeats`` synchronised runs of ``iters`` forwards.
+
+    The models take turns within every repeat, so slow drifts of the machine (clocks, other load) hit all of
+    them alike and the ratios stay fair.
+    """
+    rates: List[List[float]] = [[] for _ in models]
     with torch.inference_mode():
-        for _ in range(warmup):
-            model(x)
-        _sync(x.device)
-        rates = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for _ in range(iters):
+        for model in models:
+            for _ in range(warmup):
                 model(x)
-            _sync(x.device)
-            rates.append(iters * x.shape[0] / (time.perf_counter() - start))
-    return statistics.median(rates)
+        _sync(x.device)
+        for _ in range(repeats):
+            for i, model in enumerate(models):
+                start = time.perf_counter()
+                for _ in range(iters):
+                    model(x)
+                _sync(x.device)
+                rates[i].append(iters * x.shape[0] / (time.perf_counter() - start))
+    return [statistics.median(r) for r in rates]
 
 
 def analytic_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
@@ -98,7 +106,7 @@ def analytic_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
     try:
         with torch.inference_mode():
             model(x[:1])
-        return api.info(model).flops
+        return int(api.info(model).flops)
     finally:
         if patched_here:
             api.unpatch(model)
@@ -117,17 +125,16 @@ def benchmark(model_name: str, runs: Sequence[Tuple[str, Dict[str, Any]]], *, ba
     hw = img_size or size[-1]
     x = torch.randn(batch_size, size[0], hw, hw, device=dev, dtype=DTYPES[dtype])
 
-    def timed(m):
-        return time_forward(torch.compile(m) if compile else m, x, iters, repeats, warmup)
-
-    base_rate, base_macs = timed(model), analytic_macs(model, x)
-    rows = [Row(model_name, "none", "", batch_size, dtype, str(dev), base_rate, base_macs / 1e9, 1.0, 1.0, 1.0)]
+    variants = [model]
     for method, params in runs:
-        api.patch(model, method, **params)
-        rate, macs = timed(model), analytic_macs(model, x)
-        api.unpatch(model)
-        speedup, flop_speedup = rate / base_rate, base_macs / macs
-        rows.append(Row(model_name, method, _fmt_params(params), batch_size, dtype, str(dev), rate, macs / 1e9,
+        variants.append(api.patch(copy.deepcopy(model), method, **params))
+    macs = [analytic_macs(m, x) for m in variants]
+    timed = [torch.compile(m) for m in variants] if compile else variants
+    rates = time_forwards(timed, x, iters, repeats, warmup)
+    rows = []
+    for (method, params), rate, mac in zip([("none", {})] + list(runs), rates, macs):
+        speedup, flop_speedup = rate / rates[0], macs[0] / mac
+        rows.append(Row(model_name, method, _fmt_params(params), batch_size, dtype, str(dev), rate, mac / 1e9,
                         speedup, flop_speedup, speedup / flop_speedup))
     return rows
 
