@@ -351,3 +351,22 @@ class TestErrors:
 def test_adapter_declares_capabilities():
     assert {"keys", "cls_attn", "attn"} <= TimmViTAdapter.provides
     assert tokenreduce.list_methods()[0:0] == [] and "tome" in tokenreduce.list_methods()
+
+
+def test_pretrained_path_with_local_checkpoint(tmp_path, monkeypatch):
+    """`pretrained=True` as users call it, served from a local file (no download)."""
+    import timm
+    from safetensors.torch import save_file
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, num_classes=7)
+    path = tmp_path / "vit_tiny.safetensors"
+    save_file(source.state_dict(), str(path))
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=True, img_size=64, num_classes=7,
+                              pretrained_cfg_overlay={"file": str(path)}).eval()
+    x = _images(2, hw=64)
+    with torch.no_grad():
+        # The head differs from the checkpoint's 1000 classes, so timm re-initialises it: compare the features.
+        torch.testing.assert_close(model.forward_features(x), source.eval().forward_features(x))
+        tokenreduce.patch(model, "tome", r=3)
+        assert model(x).shape == (2, 7)
+    assert tokenreduce.info(model).tokens_per_layer[:3] == [17, 14, 11]
