@@ -11,6 +11,8 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
+from ..kernels import dispatch
+
 NEG_INF = float("-inf")
 
 
@@ -28,8 +30,11 @@ def best_match(
     Returns:
         ``(score [B, Na], index [B, Na])``: the best similarity and the B index achieving it.
 
-    This is the reference of the fused Triton matching kernel, which never writes the ``Na x Nb`` matrix.
+    This is the reference of the fused Triton matching kernel, which never writes the ``Na x Nb`` matrix; the kernel
+    runs instead on CUDA tensors (see ``tokenreduce.kernels.dispatch``). Ties go to the lowest B index on both paths.
     """
+    if dispatch.use_kernel(a, b):
+        return dispatch.kernels("matching").best_match(a, b, protect_rows, protect_cols)
     scores = a @ b.transpose(-1, -2)
     if protect_rows:
         scores[:, :protect_rows, :] = NEG_INF

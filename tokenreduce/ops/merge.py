@@ -11,6 +11,8 @@ from typing import Tuple
 
 import torch
 
+from ..kernels import dispatch
+
 
 def merge_weighted(
     x: torch.Tensor, size: torch.Tensor, assign: torch.Tensor, num_out: int
@@ -26,8 +28,11 @@ def merge_weighted(
     Returns:
         ``x' [B, M, C]`` with ``x'_m = sum_{i->m} size_i x_i / sum_{i->m} size_i`` and ``size' [B, M]``.
 
-    Reads x once and writes x' once: ``(N + M)·C`` elements (the Triton kernel fuses the division).
+    Reads x once and writes x' once: ``(N + M)·C`` elements (the Triton kernel fuses the division). On CUDA tensors
+    the fused kernel runs instead (``tokenreduce.kernels.dispatch``; it accumulates in fp32, deterministically).
     """
+    if dispatch.use_kernel(x, size, assign):
+        return dispatch.kernels("merge").merge_weighted(x, size, assign, num_out)
     b, _, c = x.shape
     weighted = x * size.unsqueeze(-1).to(x.dtype)
     summed = x.new_zeros(b, num_out, c).scatter_add_(1, assign.unsqueeze(-1).expand(-1, -1, c), weighted)
