@@ -1,0 +1,60 @@
+"""Pruning baselines with Zero-TPrune's schedule machinery: they give every comparison a floor.
+
+- ``random``: keep uniformly random non-prefix tokens (seeded).
+- ``topk_attn``: keep the non-prefix tokens the CLS token attends to most, averaged over heads (EViT's
+  criterion, Liang et al., ICLR 2022, without EViT's fusion of the dropped tokens into one extra token).
+
+Both act between blocks, like Zero-TPrune, so at equal schedules they cost exactly the same FLOPs and only the
+choice of tokens differs.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+
+from ..ops.pruning import topk_keep
+from ..state import TokenState
+from .base import Geometry, Param
+from .pruning import SCHEDULE_PARAMS, PruningMethod, check_seed
+from .registry import register_method
+
+
+@register_method
+class RandomPrune(PruningMethod):
+    """Random pruning. The generator is seeded at patch time and advances with every forward, so a run is
+    reproducible from the patch on, while successive batches get fresh draws. The scores are drawn on the CPU,
+    so CPU and GPU runs drop the same tokens."""
+
+    name = "random"
+    needs = frozenset()
+    summary = "Random pruning baseline: keep uniformly random non-prefix tokens between blocks (seeded)"
+    params: Dict[str, Param] = {**SCHEDULE_PARAMS, "seed": Param(0, "seed of the random generator", check_seed)}
+
+    def __init__(self, geometry: Geometry, **params: Any) -> None:
+        super().__init__(geometry, **params)
+        self.generator = torch.Generator().manual_seed(int(params.get("seed", 0)))
+
+    def select(self, state: TokenState, k: int) -> torch.Tensor:
+        b, n = state.x.shape[:2]
+        scores = torch.rand(b, n, generator=self.generator).to(state.x.device)
+        return topk_keep(scores, state.num_prefix, k)
+
+
+@register_method
+class TopKAttn(PruningMethod):
+    """Keep the tokens with the highest head-averaged CLS attention of the block (EViT-style, no fusion)."""
+
+    name = "topk_attn"
+    needs = frozenset({"cls_attn"})
+    summary = "CLS-attention top-k pruning baseline (EViT's criterion without fusion), between blocks"
+    params: Dict[str, Param] = dict(SCHEDULE_PARAMS)
+
+    def __init__(self, geometry: Geometry, **params: Any) -> None:
+        if not geometry.has_class_token:
+            raise ValueError("topk_attn ranks tokens by the CLS token's attention, and this model has no class "
+                             "token; use zero_tprune or random")
+        super().__init__(geometry, **params)
+
+    def select(self, state: TokenState, k: int) -> torch.Tensor:
+        return topk_keep(state.cls_attn, state.num_prefix, k)
