@@ -110,7 +110,15 @@ class TimmViTAdapter(Adapter):
             dim=int(m.embed_dim),
             num_heads=int(m.blocks[0].attn.num_heads),
             has_class_token=getattr(m, "cls_token", None) is not None,
+            macs=self.block_macs,
         )
+
+    def block_macs(self, blocks) -> int:
+        """Analytic MACs per image at the default input size for ``[(tokens into attention, tokens into MLP)]``."""
+        fs = ForwardState()
+        fs.blocks = [(n_attn, n_mlp, n_mlp) for n_attn, n_mlp in blocks]
+        fs.extras["img_hw"] = None
+        return self.flops(fs)
 
     def install(self, method: ReductionMethod, options: Dict[str, Any]) -> None:
         model = self.model

@@ -7,8 +7,8 @@ method against the model's adapter from these declarations before it touches the
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Dict, FrozenSet, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Dict, FrozenSet, Optional, Sequence, Tuple
 
 import torch
 
@@ -51,6 +51,9 @@ class Geometry:
         dim: hidden width.
         num_heads: attention heads.
         has_class_token: whether token 0 is a CLS token (some methods treat it specially).
+        macs: the adapter's analytic MACs per image at the default input size for ``[(tokens into attention,
+            tokens into MLP)]`` per block (None when the adapter has no FLOP model); lets a method resolve a
+            FLOPs budget at patch time.
     """
 
     num_blocks: int
@@ -59,6 +62,7 @@ class Geometry:
     dim: int
     num_heads: int
     has_class_token: bool = True
+    macs: Optional[Callable[[Sequence[Tuple[int, int]]], int]] = field(default=None, compare=False, repr=False)
 
 
 class ReductionMethod:
