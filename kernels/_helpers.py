@@ -13,9 +13,10 @@ def round_to(x, DTYPE: tl.constexpr):
     """
     if DTYPE == tl.bfloat16:
         bits = x.to(tl.int32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-        return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # wrapping int32 add; NaN is kept below
+        y = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
     elif DTYPE == tl.float32:
-        return x
+        y = x
     else:
-        return x.to(DTYPE).to(tl.float32)
+        y = x.to(DTYPE).to(tl.float32)
+    return y
