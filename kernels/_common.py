@@ -4,6 +4,7 @@ Everything in this module is plain Python/PyTorch so that it imports without Tri
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -58,3 +59,9 @@ def batch_key(n: int) -> int:
     """Autotuning bucket for a size: its next power of two (ToMe changes N every layer; buckets keep the number of
     tuning runs small)."""
     return next_pow2(max(1, n))
+
+
+def device_guard(t: torch.Tensor):
+    """Make ``t``'s GPU the current device for the launch (Triton launches on the current device, which need not
+    be the tensors' one on multi-GPU hosts); a no-op for CPU tensors under the interpreter."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

@@ -1,11 +1,11 @@
 """Fused PiToMe energy score: per token, the mean over all tokens of ``ELU(cos - margin, alpha)``.
 
 Reference: ``tokenreduce.ops.energy.energy_score(metric, margin, alpha)`` (``u = F.normalize(metric)``,
-``sim = u @ u^T``, ``F.elu(sim - margin, alpha).mean(-1)``). The kernel never writes the ``N x N`` similarity matrix: each program owns
-``BLOCK_M`` rows, keeps them (and their inverse norms) in registers, and streams all ``N`` rows of the same sample
-through in ``BLOCK_N``-row tiles, accumulating the ELU sum in fp32. Row norms are computed in the kernel (no
-normalised copy of ``metric``); column norms are recomputed per tile, ``BLOCK_N·d`` extra FMAs against the tile's
-``BLOCK_M·BLOCK_N·d``.
+``sim = u @ u^T``, ``F.elu(sim - margin, alpha).mean(-1)``). The kernel never writes the ``N x N`` similarity
+matrix: each program owns ``BLOCK_M`` rows, keeps them (and their inverse norms) in registers, and streams all
+``N`` rows of the same sample through in ``BLOCK_N``-row tiles, accumulating the ELU sum in fp32. Row norms are
+computed in the kernel (no normalised copy of ``metric``); column norms are recomputed per tile, ``BLOCK_N·d``
+extra FMAs against the tile's ``BLOCK_M·BLOCK_N·d``.
 
 Every token, itself included (cos = 1), counts in the mean, exactly like the reference. Norms are clamped below
 at ``eps`` as ``F.normalize`` does (default 1e-12), so a zero row has similarity 0 to everything. (The fp16
@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import batch_key, dot_block, dot_precision, interpreting, upcast_dot_operands
+from ._common import batch_key, device_guard, dot_block, dot_precision, interpreting, upcast_dot_operands
 from ._helpers import round_to
 
 
@@ -139,11 +139,12 @@ def energy_score(
                   BLOCK_D=block_d, SINGLE_K=d <= block_d)
     args = (metric, out, n, d, float(margin), float(alpha), float(eps),
             metric.stride(0), metric.stride(1), metric.stride(2), out.stride(0), batch_key(n), batch_key(bsz))
-    if config is None and not interpreting():
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), bsz)  # noqa: E731
-        _tuned[grid](*args, **common)
-    else:
-        blocks = dict(INTERPRETER_CONFIG, **{k: v for k, v in (config or {}).items() if k != "BLOCK_D"})
-        grid = (triton.cdiv(n, blocks["BLOCK_M"]), bsz)
-        _energy_kernel[grid](*args, **common, **blocks)
+    with device_guard(metric):
+        if config is None and not interpreting():
+            grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), bsz)  # noqa: E731
+            _tuned[grid](*args, **common)
+        else:
+            blocks = dict(INTERPRETER_CONFIG, **{k: v for k, v in (config or {}).items() if k != "BLOCK_D"})
+            grid = (triton.cdiv(n, blocks["BLOCK_M"]), bsz)
+            _energy_kernel[grid](*args, **common, **blocks)
     return out

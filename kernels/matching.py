@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import batch_key, dot_block, dot_precision, interpreting, upcast_dot_operands
+from ._common import batch_key, device_guard, dot_block, dot_precision, interpreting, upcast_dot_operands
 from ._helpers import round_to
 
 
@@ -191,11 +191,12 @@ def best_match(
         a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1), b.stride(2),
         values.stride(0), index.stride(0), batch_key(max(na, nb)), batch_key(bsz),
     )
-    if config is None and not interpreting():
-        grid = lambda meta: (triton.cdiv(na, meta["BLOCK_M"]), bsz)  # noqa: E731
-        _tuned[grid](*args, **common)
-    else:
-        blocks = dict(INTERPRETER_CONFIG, **{k: v for k, v in (config or {}).items() if k != "BLOCK_D"})
-        grid = (triton.cdiv(na, blocks["BLOCK_M"]), bsz)
-        _best_match_kernel[grid](*args, **common, **blocks)
+    with device_guard(a):
+        if config is None and not interpreting():
+            grid = lambda meta: (triton.cdiv(na, meta["BLOCK_M"]), bsz)  # noqa: E731
+            _tuned[grid](*args, **common)
+        else:
+            blocks = dict(INTERPRETER_CONFIG, **{k: v for k, v in (config or {}).items() if k != "BLOCK_D"})
+            grid = (triton.cdiv(na, blocks["BLOCK_M"]), bsz)
+            _best_match_kernel[grid](*args, **common, **blocks)
     return values, index

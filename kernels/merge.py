@@ -23,8 +23,8 @@ accumulates ``size·x`` and ``size`` in fp32 registers, divides, and stores ``x'
   gives ``0/0 = NaN`` and size 0, as in the reference.
 
 Cost, per sample (s = bytes per element of x, C channels): reads ``N·C·s`` (x) + ``N·(s_size + 8)``
-(size, sorted permutation) + ``2·M·8`` (segment bounds); writes ``M·C·s + M·s_size``. FLOPs: ``2·N·C`` multiply-adds
-plus ``M·C`` divisions: the kernel is bound by memory bandwidth.
+(size, sorted permutation) + ``2·M·8`` (segment bounds); writes ``M·C·s + M·s_size``. FLOPs: ``2·N·C``
+multiply-adds plus ``M·C`` divisions: the kernel is bound by memory bandwidth.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import batch_key, interpreting, next_pow2
+from ._common import batch_key, device_guard, interpreting, next_pow2
 from ._helpers import round_to
 
 
@@ -133,12 +133,13 @@ def merge_weighted(
         x.stride(0), x.stride(1), x.stride(2), size.stride(0), size.stride(1), perm.stride(0), bounds.stride(0),
         out.stride(0), out.stride(1), out.stride(2), out_size.stride(0), batch_key(num_out), batch_key(bsz),
     )
-    if config is None and not interpreting():
-        grid = lambda meta: (triton.cdiv(num_out, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]), bsz)  # noqa
-        _tuned[grid](*args)
-    else:
-        blocks = dict(INTERPRETER_CONFIG, **(config or {}))
-        blocks["BLOCK_C"] = min(blocks["BLOCK_C"], max(16, next_pow2(c)))
-        grid = (triton.cdiv(num_out, blocks["BLOCK_M"]), triton.cdiv(c, blocks["BLOCK_C"]), bsz)
-        _merge_weighted_kernel[grid](*args, **blocks)
+    with device_guard(x):
+        if config is None and not interpreting():
+            grid = lambda meta: (triton.cdiv(num_out, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]), bsz)  # noqa
+            _tuned[grid](*args)
+        else:
+            blocks = dict(INTERPRETER_CONFIG, **(config or {}))
+            blocks["BLOCK_C"] = min(blocks["BLOCK_C"], max(16, next_pow2(c)))
+            grid = (triton.cdiv(num_out, blocks["BLOCK_M"]), triton.cdiv(c, blocks["BLOCK_C"]), bsz)
+            _merge_weighted_kernel[grid](*args, **blocks)
     return out, out_size

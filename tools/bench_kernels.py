@@ -33,7 +33,8 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ops", nargs="+", default=["matching", "merge", "energy"], choices=["matching", "merge", "energy"])
     p.add_argument("--n", nargs="+", type=int, default=[197, 577, 1025, 4097], help="tokens N")
     p.add_argument("--b", nargs="+", type=int, default=[1, 64, 256], help="batch sizes B")

@@ -37,7 +37,8 @@ def assert_within_torch_error(out: torch.Tensor, torch_out: torch.Tensor, exact:
     torch_err = (torch_out.double() - exact)[finite].abs().max().item() if finite.any() else 0.0
     scale = exact[finite].abs().max().item() if finite.any() else 0.0
     slack = torch.finfo(dtype).eps * max(scale, 1e-3) / 2
-    assert err <= factor * torch_err + slack, f"{what} {dtype}: kernel error {err:.3g} > {factor} x torch {torch_err:.3g}"
+    assert err <= factor * torch_err + slack, \
+        f"{what} {dtype}: kernel error {err:.3g} > {factor} x torch {torch_err:.3g}"
 
 
 @pytest.fixture

@@ -33,7 +33,8 @@ def masked_scores(a, b, protect_rows=0, protect_cols=0, valid_cols=None, dtype=N
     if valid_cols is not None:
         limit = valid_cols if isinstance(valid_cols, torch.Tensor) else torch.full((a.shape[0],), valid_cols)
         keep = keep & (cols[None, :] < limit.to(a.device)[:, None])
-    keep = keep.expand(a.shape[0], -1)[:, None, :] & (torch.arange(a.shape[1], device=a.device) >= protect_rows)[:, None]
+    rows = torch.arange(a.shape[1], device=a.device) >= protect_rows
+    keep = keep.expand(a.shape[0], -1)[:, None, :] & rows[:, None]
     return scores.masked_fill(~keep, float("-inf"))
 
 
