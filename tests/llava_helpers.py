@@ -6,7 +6,18 @@ from typing import List, Sequence, Tuple
 import pytest
 import torch
 
+import tokenreduce
+
+from .conftest import FIXTURES, _load_checker
+
 transformers = pytest.importorskip("transformers")
+
+
+def run_llava_case(method: str, case: str):
+    """Run one ``../shared/fixtures/<method>/<case>`` exactly as ../shared/tools/check_llava_fixtures.py does;
+    returns ``(ok, messages)``."""
+    checker = _load_checker("check_llava_fixtures")
+    return checker.run_case(str(FIXTURES / method / f"{case}.json"), tokenreduce, True)
 
 IMAGE_TOKEN = 63
 PAD = 0

@@ -365,3 +365,24 @@ def test_hf_clip_zero_reduction_and_unpatch_are_exact():
     assert torch.equal(same.pooler_output, ref.pooler_output)
     assert [h.shape[1] for h in merged.hidden_states] == [65, 61, 57, 53, 49]
     assert torch.equal(again, ref.pooler_output)
+
+
+def test_clip_with_projection_and_pitome_on_llava(batch):
+    cfg = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, image_size=32, patch_size=4, projection_dim=16)
+    model = transformers.CLIPVisionModelWithProjection(cfg).double().eval()
+    tokenreduce.patch(model, "tome", r=4)
+    with torch.no_grad():
+        assert model(pixel_values=torch.randn(1, 3, 32, 32, dtype=torch.float64)).image_embeds.shape == (1, 16)
+    assert tokenreduce.info(model).tokens_per_layer == [65, 61]
+    if "pitome" not in tokenreduce.list_methods():
+        pytest.skip("PiToMe is not available")
+    llava = tiny_llava(vision_layers=3, lm_layers=2)
+    rows, ids, mask, pv = batch
+    tokenreduce.patch(llava, "pitome", ratio=0.8)
+    new, logits = greedy(llava, ids, mask, pv, max_new_tokens=2)
+    alone_new, alone_logits = greedy(llava, rows[1][None], torch.ones(1, len(rows[1]), dtype=torch.long), pv[1:2],
+                                     max_new_tokens=2)
+    assert tokenreduce.info(llava).tokens_per_layer[-1] < 65
+    assert torch.equal(alone_new, new[1:2])
+    torch.testing.assert_close(alone_logits, logits[1:2], atol=1e-6, rtol=1e-6)

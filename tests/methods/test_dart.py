@@ -8,10 +8,8 @@ from tokenreduce.methods.base import Geometry
 from tokenreduce.methods.dart import DART, resolve_per_pivot, select_sample, visit_order
 from tokenreduce.state import TokenState
 
-from .test_visionzip import run_llava_case
 from ..conftest import fixture_cases
-
-pytest.importorskip("transformers")
+from ..llava_helpers import run_llava_case
 
 
 @pytest.mark.parametrize("case", fixture_cases("dart", call="llava"))

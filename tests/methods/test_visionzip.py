@@ -3,19 +3,12 @@ plain-loop reference of its selection and merge."""
 import pytest
 import torch
 
-import tokenreduce
 from tokenreduce.methods.base import Geometry
 from tokenreduce.methods.visionzip import VisionZip, contextual_merge, dominant_indices, uniform_targets
 from tokenreduce.state import TokenState
 
-from ..conftest import FIXTURES, _load_checker, fixture_cases
-
-pytest.importorskip("transformers")
-
-
-def run_llava_case(method: str, case: str):
-    checker = _load_checker("check_llava_fixtures")
-    return checker.run_case(str(FIXTURES / method / f"{case}.json"), tokenreduce, True)
+from ..conftest import fixture_cases
+from ..llava_helpers import run_llava_case
 
 
 @pytest.mark.parametrize("case", fixture_cases("visionzip", call="llava"))

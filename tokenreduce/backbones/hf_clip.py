@@ -248,7 +248,8 @@ class ClipTowerHost:
         if self.trace_source and source is None:
             source = torch.eye(n_out, dtype=dtype, device=device).expand(batch, n_out, n_out)
         return ReductionInfo(size=size.detach(), source=source.detach() if source is not None else None,
-                             tokens_per_layer=[b[0] for b in fs.blocks], flops=self.flops(fs.blocks),
+                             tokens_per_layer=[b[0] for b in fs.blocks],
+                             flops=torch.tensor(float(self.flops(fs.blocks)), dtype=torch.float64),
                              kept=dict(fs.kept))
 
     def flops(self, blocks: Sequence[tuple]) -> int:

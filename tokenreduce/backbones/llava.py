@@ -645,7 +645,8 @@ class LlavaAdapter(Adapter):
             if fs is None or not fs.blocks:
                 raise RuntimeError("no image has gone through the patched model yet: call it first")
             return ReductionInfo(size=fs.size.detach(), source=None, tokens_per_layer=[b[0] for b in fs.blocks],
-                                 flops=self._tower_flops(fs.blocks[0][0]), kept=dict(fs.kept))
+                                 flops=torch.tensor(float(self._tower_flops(fs.blocks[0][0])), dtype=torch.float64),
+                                 kept=dict(fs.kept))
         fs = self.llm_fs
         if fs is None or not fs.blocks:
             raise RuntimeError("no forward has run since the model was patched: call the model first")
@@ -657,7 +658,8 @@ class LlavaAdapter(Adapter):
         # Language-model MACs of this forward (linear layers plus QKᵀ and PV against its own tokens; cached keys
         # of earlier forwards are not counted).
         flops = sum(n * self._llm_linear[i] + 2 * n * n * self._llm_attn_dim for i, n in enumerate(tokens))
-        return ReductionInfo(size=size, source=None, tokens_per_layer=tokens, flops=float(flops), kept=dict(fs.kept))
+        return ReductionInfo(size=size, source=None, tokens_per_layer=tokens,
+                             flops=torch.tensor(float(flops), dtype=torch.float64), kept=dict(fs.kept))
 
     def _tower_flops(self, n: int) -> int:
         host = ClipTowerHost(self.vision)
