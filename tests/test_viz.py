@@ -113,6 +113,29 @@ def test_record_layers_matches_info_source():
     assert tokenreduce.is_patched(model)
 
 
+@pytest.mark.parametrize("variant", ["distilled", "registers", "avg_pool", "dynamic"])
+def test_prefix_tokens_and_dynamic_size(variant):
+    from timm.models.deit import VisionTransformerDistilled
+    from timm.models.vision_transformer import VisionTransformer
+    kw = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3)
+    model = {"distilled": lambda: VisionTransformerDistilled(**kw),
+             "registers": lambda: VisionTransformer(reg_tokens=4, no_embed_class=True, **kw),
+             "avg_pool": lambda: VisionTransformer(class_token=False, global_pool="avg", **kw),
+             "dynamic": lambda: VisionTransformer(dynamic_img_size=True, **kw)}[variant]().eval()
+    prefix = {"distilled": 2, "registers": 5, "avg_pool": 0, "dynamic": 1}[variant]
+    size = 48 if variant == "dynamic" else None
+    grid = (12, 12) if variant == "dynamic" else (8, 8)
+    image = Image.fromarray((np.random.default_rng(0).random((50, 60, 3)) * 255).astype(np.uint8))
+    records, view = viz.capture(model, image, "zero_tprune", img_size=size, keep_ratio=0.6)
+    assert view.num_prefix == prefix and view.grid == grid
+    last = records[-1]
+    assert records[0].tokens == prefix + grid[0] * grid[1]
+    assert (last.labels >= 0).sum() == last.tokens - prefix  # pruning: one patch per surviving token
+    if variant != "dynamic":
+        with pytest.raises(ValueError, match="dynamic_img_size"):
+            viz.model_view(model, img_size=48)
+
+
 def _timm_params(name):
     """A setting that reduces tokens on the tiny ViT, for the methods that need one; defaults otherwise."""
     return {
@@ -237,3 +260,23 @@ def test_hf_clip_tower_draws():
     assert all(r.exact for r in records)
     records, _ = viz.capture(model, image, "zero_tprune", keep_ratio=0.5)
     assert (records[-1].labels < 0).sum() > 0
+
+
+def test_llava_vision_tower_draws():
+    pytest.importorskip("transformers")
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration)
+    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                          image_size=32, patch_size=8)
+    tc = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                     num_key_value_heads=2, vocab_size=64)
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vc, text_config=tc, image_token_id=63,
+                                                      vision_feature_layer=-2)).eval()
+    image = Image.fromarray((np.random.default_rng(2).random((32, 32, 3)) * 255).astype(np.uint8))
+    records, view = viz.capture(model, image, "tome", r=2)  # inside the tower: sources traced
+    assert view.kind == "llava" and view.grid == (4, 4)
+    assert records[-1].tokens < 17 and all(r.exact for r in records)
+    records, _ = viz.capture(model, image, "visionzip", dominant=6, contextual=2)
+    # VisionZip reports kept indices only: kept patches drawn, the merged rest flagged as not traced
+    assert records[-1].tokens == 8 and (records[-1].labels >= 0).sum() == 7 and not records[-1].exact
+    with pytest.raises(ValueError, match="language model"):
+        viz.capture(model, image, "dart")

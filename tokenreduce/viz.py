@@ -293,12 +293,15 @@ def model_view(model: nn.Module, img_size: Optional[int] = None) -> ModelView:
         VisionTransformer = None
     if VisionTransformer is not None and isinstance(model, VisionTransformer):
         pe = model.patch_embed
-        if img_size is not None and hasattr(pe, "dynamic_feat_size") and getattr(pe, "dynamic_img_size", False):
+        if img_size is not None and hasattr(pe, "dynamic_feat_size") and getattr(model, "dynamic_img_size", False):
             hw = (int(img_size), int(img_size))
             grid = tuple(int(v) for v in pe.dynamic_feat_size(hw))
         else:
             hw = tuple(int(v) for v in pe.img_size)
             grid = tuple(int(v) for v in pe.grid_size)
+            if img_size is not None and (int(img_size), int(img_size)) != hw:
+                raise ValueError(f"this model takes {hw[0]}x{hw[1]} inputs (it was not built with "
+                                 f"dynamic_img_size=True); img_size={img_size} is not possible")
         cfg = getattr(model, "pretrained_cfg", None) or {}
         in_chans = int(getattr(pe.proj, "in_channels", 3)) if hasattr(pe, "proj") else 3
         mean = tuple(cfg.get("mean", (0.5,) * in_chans))
