@@ -2,6 +2,8 @@
 from .base import Geometry, Param, ReductionMethod, Site
 from .registry import COMMON_PARAMS, get_method, list_methods, method_params, register_method, resolve_params
 from . import tome  # noqa: F401,E402  (registers "tome")
+from . import pitome  # noqa: F401,E402  (registers "pitome")
+from . import atc  # noqa: F401,E402  (registers "atc")
 from . import visionzip  # noqa: F401,E402  (registers "visionzip")
 from . import dart  # noqa: F401,E402  (registers "dart")
 from . import zero_tprune  # noqa: F401,E402  (registers "zero_tprune")
