@@ -517,9 +517,13 @@ def layer_grid(image, records: Sequence[LayerRecord], *, title: str = "", cols: 
                          fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
+    note_h = 0.0
     if note:
+        import textwrap
+        note = textwrap.fill(note, width=max(30, int(panel * cols * 16)))
+        note_h = 0.03 * (note.count("\n") + 1) * (3 / max(rows, 1)) ** 0.5
         fig.text(0.5, 0.005, note, ha="center", va="bottom", fontsize=7, color="0.35")
-    fig.tight_layout(rect=(0, 0.03 if note else 0, 1, 1))
+    fig.tight_layout(rect=(0, note_h, 1, 1))
     return fig
 
 

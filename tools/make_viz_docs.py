@@ -38,6 +38,7 @@ DEMO_PARAMS: Dict[str, Dict[str, Any]] = {
     "zero_tprune": {"keep_ratio": 0.7},
     "topk_attn": {"keep_ratio": 0.7},
     "random": {"keep_ratio": 0.7},
+    "visionzip": {"dominant": 54, "contextual": 10},
 }
 PHOTOS = ("chelsea", "coffee")
 START, END = "<!-- gallery:start -->", "<!-- gallery:end -->"
@@ -75,10 +76,58 @@ def main(argv: Optional[List[str]] = None) -> int:
             last = records[-1]
             print(f"{path.relative_to(ROOT)}: {last.tokens} tokens at the end, "
                   f"{int((last.labels < 0).sum())} patches dropped ({time.perf_counter() - started:.1f}s)")
+    # Methods that do not run in timm blocks: try them on LLaVA's vision side (a small random LLaVA whose CLIP
+    # tower has ViT-S/16 geometry), e.g. VisionZip at the tower output.
+    llava_note = ""
+    if skipped:
+        llava = small_llava(args.seed)
+        if llava is not None:
+            llava_note = "LLaVA (random CLIP tower, ViT-S/16 geometry, 1-layer LM)"
+            for method in list(skipped):
+                params = DEMO_PARAMS.get(method, {})
+                for photo in args.photos:
+                    try:
+                        fig, records = viz.visualize(llava, docs / "assets" / f"{photo}.jpg", method,
+                                                     max_panels=args.max_panels,
+                                                     note=f"{llava_note} · random weights (seed {args.seed})",
+                                                     **params)
+                    except (ValueError, TypeError) as e:
+                        skipped[method] = str(e).split("\n")[0]
+                        break
+                    path = viz.save_png(fig, out_dir / f"{method}_{photo}.png", dpi=90, colors=256)
+                    print(f"{path.relative_to(ROOT)}: {records[-1].tokens} tokens at the end (LLaVA)")
+                else:
+                    del skipped[method]
+                    LLAVA_DRAWN.add(method)
     for method, reason in skipped.items():
         print(f"{method}: not drawn: {reason}")
     write_gallery(docs, skipped, args.model, weights)
     return 0
+
+
+#: Methods drawn on the small LLaVA instead of the timm ViT (filled by main, read by write_gallery).
+LLAVA_DRAWN: set = set()
+#: Why a method without pictures has none, by site.
+SITE_NOTES = {
+    "llm_layer": "prunes image tokens inside LLaVA's language model, where which ones survive depends on the "
+                 "prompt; `visualize` does not draw it",
+    "tower_out": "acts at LLaVA's vision-tower output; draw it with `viz.visualize` on a LLaVA model",
+}
+
+
+def small_llava(seed: int):
+    """A random LlavaForConditionalGeneration with a ViT-S/16-shaped CLIP tower, or None without transformers."""
+    try:
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    except ImportError:
+        return None
+    torch.manual_seed(seed)
+    vc = CLIPVisionConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6,
+                          image_size=224, patch_size=16)
+    tc = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                     num_key_value_heads=2, vocab_size=128)
+    return LlavaForConditionalGeneration(LlavaConfig(vision_config=vc, text_config=tc, image_token_id=127,
+                                                     vision_feature_layer=-2)).eval()
 
 
 def write_gallery(docs: Path, skipped: Dict[str, str], model: str, weights: str) -> None:
@@ -89,12 +138,17 @@ def write_gallery(docs: Path, skipped: Dict[str, str], model: str, weights: str)
     not_drawn = []
     for method in tokenreduce.list_methods():
         files = sorted(f for f in out_dir.glob(f"{method}_*.png") if f.stem[len(method) + 1:] in photos)
+        site = get_method(method).site.value
         if not files:
-            cls = get_method(method)
-            not_drawn.append((method, skipped.get(method) or f"acts at '{cls.site.value}'; no picture yet"))
+            not_drawn.append((method, SITE_NOTES.get(site) or skipped.get(method) or f"acts at '{site}'"))
             continue
         params = ", ".join(f"{k}={v}" for k, v in DEMO_PARAMS.get(method, {}).items()) or "defaults"
         lines += [f"### {method}", "", f"{get_method(method).summary}. Setting: `{params}`.", ""]
+        if site == "tower_out":
+            lines += ["Drawn on a small random-weight LLaVA whose CLIP tower has ViT-S/16 geometry (the method "
+                      "acts at the tower's output, not in timm blocks). Only the kept tokens are reported "
+                      "(`info(model).kept`), not a `source`: patches merged into the contextual tokens are drawn "
+                      "as dropped (\"merges not traced\").", ""]
         for f in files:
             lines += [f"![{method} on {f.stem[len(method) + 1:]}](assets/viz/{f.name})", ""]
     if not_drawn:
