@@ -1,7 +1,7 @@
 """The public surface: patch / unpatch / info / list_methods."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch.nn as nn
 
@@ -15,7 +15,8 @@ _ATTR = "_tokenreduce"
 __all__ = ["info", "is_patched", "list_methods", "patch", "unpatch"]
 
 
-def patch(model: nn.Module, method: str, **params: Any) -> nn.Module:
+def patch(model: nn.Module, method: Optional[str] = None, *, config: Optional[str] = None,
+          **params: Any) -> nn.Module:
     """Make ``model`` reduce tokens with ``method``, in place; returns the model.
 
     Everything is validated before the model is touched: the model family (ValueError naming the supported
@@ -28,7 +29,17 @@ def patch(model: nn.Module, method: str, **params: Any) -> nn.Module:
         method: a registered method name (``tokenreduce.list_methods()``).
         **params: the method's parameters (``tokenreduce.method_params(method)``) and the common options
             ``trace_source`` and ``size_weighted_pool``.
+        config: a YAML config (path, or name under ``configs/``, see ``tokenreduce.configs``) giving the method
+            and its parameters; keyword ``params`` override the config's.
     """
+    if config is not None:
+        from .configs import load_config  # lazy: configs imports yaml, which plain patching does not need
+        cfg = load_config(config)
+        if method is not None and method != cfg.method:
+            raise ValueError(f"method {method!r} contradicts config {config!r}, which is for {cfg.method!r}")
+        method, params = cfg.method, {**cfg.params, **params}
+    if method is None:
+        raise TypeError("patch() needs a method name or config=")
     adapter_cls = find_adapter(model)
     method_cls = get_method(method)
     resolved = resolve_params(method, params)
