@@ -105,7 +105,13 @@ _CONFIGS = [
         (128, 64, 8, 3), (128, 128, 8, 3), (32, 128, 4, 3), (16, 64, 2, 2),
     ]
 ]
+# fp32 operands (IEEE products on CUDA cores) take twice the registers: smaller tiles, 32-wide feature chunks
+_CONFIGS_FP32 = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [(32, 64, 4, 2), (64, 32, 4, 2), (16, 64, 2, 2), (64, 64, 8, 2)]
+]
 _tuned = triton.autotune(configs=_CONFIGS, key=["N_KEY", "B_KEY", "D"])(_energy_kernel)
+_tuned_fp32 = triton.autotune(configs=_CONFIGS_FP32, key=["N_KEY", "B_KEY", "D"])(_energy_kernel)
 
 #: block sizes under the interpreter (no autotuning there).
 INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64}
@@ -134,7 +140,7 @@ def energy_score(
     out = torch.empty(bsz, n, dtype=metric.dtype, device=metric.device)
     if bsz == 0 or n == 0:
         return out
-    block_d = (config or {}).get("BLOCK_D", dot_block(d))
+    block_d = (config or {}).get("BLOCK_D", dot_block(d, 32 if metric.dtype == torch.float32 else 128))
     common = dict(UPCAST=upcast_dot_operands(metric.dtype), PRECISION=dot_precision(metric.dtype),
                   BLOCK_D=block_d, SINGLE_K=d <= block_d)
     args = (metric, out, n, d, float(margin), float(alpha), float(eps),
@@ -142,7 +148,7 @@ def energy_score(
     with device_guard(metric):
         if config is None and not interpreting():
             grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), bsz)  # noqa: E731
-            _tuned[grid](*args, **common)
+            (_tuned_fp32 if metric.dtype == torch.float32 else _tuned)[grid](*args, **common)
         else:
             blocks = dict(INTERPRETER_CONFIG, **{k: v for k, v in (config or {}).items() if k != "BLOCK_D"})
             grid = (triton.cdiv(n, blocks["BLOCK_M"]), bsz)

@@ -131,7 +131,14 @@ _CONFIGS = [
         (128, 64, 8, 3), (128, 128, 8, 3), (32, 128, 4, 3), (16, 64, 2, 2),
     ]
 ]
-_tuned = triton.autotune(configs=_CONFIGS, key=["N_KEY", "B_KEY", "D", "HAS_VALID", "NORMALIZE"])(_best_match_kernel)
+# fp32 operands (IEEE products on CUDA cores) take twice the registers: smaller tiles, 32-wide feature chunks
+_CONFIGS_FP32 = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [(32, 64, 4, 2), (64, 32, 4, 2), (16, 64, 2, 2), (64, 64, 8, 2)]
+]
+_KEY = ["N_KEY", "B_KEY", "D", "HAS_VALID", "NORMALIZE"]
+_tuned = triton.autotune(configs=_CONFIGS, key=_KEY)(_best_match_kernel)
+_tuned_fp32 = triton.autotune(configs=_CONFIGS_FP32, key=_KEY)(_best_match_kernel)
 
 #: block sizes used under the interpreter (no autotuning there); large tiles mean fewer interpreted programs.
 INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64}
@@ -181,7 +188,7 @@ def best_match(
     valid = valid_cols.to(device=a.device).reshape(bsz) if has_valid else index  # index: unused placeholder
     col_start = max(0, min(int(protect_cols), nb))
 
-    block_d = (config or {}).get("BLOCK_D", dot_block(d))
+    block_d = (config or {}).get("BLOCK_D", dot_block(d, 32 if a.dtype == torch.float32 else 128))
     common = dict(
         HAS_VALID=has_valid, NORMALIZE=bool(normalize), UPCAST=upcast_dot_operands(a.dtype),
         PRECISION=dot_precision(a.dtype), BLOCK_D=block_d, SINGLE_K=d <= block_d,
@@ -194,7 +201,7 @@ def best_match(
     with device_guard(a):
         if config is None and not interpreting():
             grid = lambda meta: (triton.cdiv(na, meta["BLOCK_M"]), bsz)  # noqa: E731
-            _tuned[grid](*args, **common)
+            (_tuned_fp32 if a.dtype == torch.float32 else _tuned)[grid](*args, **common)
         else:
             blocks = dict(INTERPRETER_CONFIG, **{k: v for k, v in (config or {}).items() if k != "BLOCK_D"})
             grid = (triton.cdiv(na, blocks["BLOCK_M"]), bsz)

@@ -59,18 +59,24 @@ def _merge_weighted_kernel(
     chan_ok = chans < C
 
     bounds = bounds_ptr + pid_b * stride_qb + slots
-    start = tl.load(bounds, mask=slot_ok, other=0)
-    count = tl.load(bounds + 1, mask=slot_ok, other=0) - start
+    start = tl.load(bounds, mask=slot_ok, other=0).to(tl.int32)
+    count = tl.load(bounds + 1, mask=slot_ok, other=0).to(tl.int32) - start
     steps = tl.max(count, axis=0)
 
-    x_base = x_ptr + pid_b * stride_xb + chans[None, :] * stride_xc
+    # 64-bit per-sample base pointers, 32-bit offsets inside a sample (the wrapper checks they fit): halves the
+    # registers the [BLOCK_M, BLOCK_C] address arithmetic needs
+    x_sample = x_ptr + pid_b * stride_xb
+    size_sample = size_ptr + pid_b * stride_sb
+    perm_sample = perm_ptr + pid_b * stride_pb
+    chan_off = chans * stride_xc
     acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     total = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k in range(0, steps):
         live = k < count
-        token = tl.load(perm_ptr + pid_b * stride_pb + start + k, mask=live, other=0)
-        w = tl.load(size_ptr + pid_b * stride_sb + token * stride_sn, mask=live, other=0.0).to(tl.float32)
-        xv = tl.load(x_base + token[:, None] * stride_xn, mask=live[:, None] & chan_ok[None, :], other=0.0)
+        token = tl.load(perm_sample + start + k, mask=live, other=0).to(tl.int32)
+        w = tl.load(size_sample + token * stride_sn, mask=live, other=0.0).to(tl.float32)
+        xv = tl.load(x_sample + (token[:, None] * stride_xn + chan_off[None, :]),
+                     mask=live[:, None] & chan_ok[None, :], other=0.0)
         acc += w[:, None] * xv.to(tl.float32)
         total += w
 
@@ -84,7 +90,8 @@ def _merge_weighted_kernel(
 
 _CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_C": bc}, num_warps=w)
-    for bm, bc, w in [(8, 256, 4), (16, 128, 4), (16, 256, 4), (32, 128, 4), (32, 64, 2), (64, 64, 4), (4, 512, 4)]
+    # at most 8 elements of the tile per thread: more pushes the address arithmetic past ~150 registers (sm_90)
+    for bm, bc, w in [(4, 256, 4), (8, 128, 4), (4, 512, 8), (8, 256, 8), (16, 128, 8), (32, 64, 8), (2, 512, 4)]
 ]
 _tuned = triton.autotune(configs=_CONFIGS, key=["M_KEY", "B_KEY", "C"])(_merge_weighted_kernel)
 
@@ -127,6 +134,8 @@ def merge_weighted(
     out_size = torch.empty(bsz, num_out, dtype=size.dtype, device=x.device)
     if bsz == 0 or num_out == 0:
         return out, out_size
+    if (n - 1) * abs(x.stride(1)) + (c - 1) * abs(x.stride(2)) >= 2 ** 31 or num_out * c >= 2 ** 31:
+        raise ValueError("merge_weighted kernel: one sample of x must span fewer than 2**31 elements")
     perm, bounds = segments(assign, num_out)
     args = (
         x, size, perm, bounds, out, out_size, n, num_out, c,
