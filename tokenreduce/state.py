@@ -59,7 +59,8 @@ class ReductionInfo:
         size: ``[B, N]`` float, input tokens each output token stands for.
         source: ``[B, N, N0]`` 0/1, or None unless the model was patched with ``trace_source=True``.
         tokens_per_layer: tokens entering each block.
-        flops: analytic multiply-accumulates per image of the last forward (see ``tokenreduce.ops.flops``).
+        flops: analytic multiply-accumulates per image of the last forward (see ``tokenreduce.ops.flops``), a
+            0-d float64 tensor (exact for any integer count below 2**53; ``int(info.flops)`` for a number).
         kept: per reduction site, the ``[B, N_out]`` indices (into that site's input) of the tokens that
             survived, for pruning methods that record them; empty for pure merging.
     """
@@ -67,7 +68,7 @@ class ReductionInfo:
     size: Optional[torch.Tensor]
     source: Optional[torch.Tensor]
     tokens_per_layer: List[int]
-    flops: float
+    flops: torch.Tensor
     kept: Dict[int, torch.Tensor] = field(default_factory=dict)
 
 

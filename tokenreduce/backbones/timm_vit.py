@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from ..methods.base import Geometry, ReductionMethod, Site
 from ..state import ForwardState, ReductionInfo, TokenState
@@ -36,6 +38,41 @@ except ImportError:  # pragma: no cover
     VisionTransformer = TimmBlock = TimmAttention = None  # type: ignore
 
 _ENTRY_POINTS = ("forward_features", "forward_intermediates")
+
+
+class _AttentionProbs(TorchFunctionMode):
+    """Inside one call of timm's ``Attention.forward``, compute the attention probabilities with a method's
+    function instead of softmax: SDPA is evaluated eagerly as ``probs_fn(scale·q·kᵀ + mask) @ v`` (dropout kept),
+    and the eager path's softmax is replaced. Used only when a method asks (``attention_probs``), i.e. for
+    DiffRate's rate search; inference keeps the fused kernel."""
+
+    def __init__(self, probs_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.probs_fn = probs_fn
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return self._sdpa(*args, **kwargs)
+        if func in _SOFTMAX and kwargs.get("dim", args[1] if len(args) > 1 else None) in (-1, args[0].dim() - 1):
+            return self.probs_fn(args[0])
+        return func(*args, **kwargs)
+
+    def _sdpa(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **unused):
+        logits = (q * (q.shape[-1] ** -0.5 if scale is None else scale)) @ k.transpose(-2, -1)
+        if is_causal:
+            n, m = logits.shape[-2:]
+            attn_mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril()
+        if attn_mask is not None:
+            logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
+                else logits + attn_mask
+        probs = self.probs_fn(logits)
+        if dropout_p > 0:
+            probs = F.dropout(probs, dropout_p)
+        return probs @ v
+
+
+_SOFTMAX = (torch.Tensor.softmax, torch.softmax, F.softmax)
 
 
 def _linear_macs_per_token(module: nn.Module) -> int:
@@ -130,6 +167,8 @@ class TimmViTAdapter(Adapter):
         self._acts = [method.acts_at(i) for i in range(n)]
         self._needs = [method.needs_at(i) if self._acts[i] else frozenset() for i in range(n)]
         self._site_mid = method.site == Site.BLOCK_MID
+        custom = type(method).attention_probs is not ReductionMethod.attention_probs
+        self._probs_hook = [custom and a for a in self._acts]
 
         cls = type(model)
         model.forward_features = self._entry(cls.forward_features)
@@ -215,7 +254,13 @@ class TimmViTAdapter(Adapter):
         attn_kwargs = {"attn_mask": bias}
         if is_causal:
             attn_kwargs["is_causal"] = True
-        x = x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x), **attn_kwargs)))
+        probs_fn = self.method.attention_probs(layer, blk.training) if self._probs_hook[layer] else None
+        if probs_fn is None:
+            h = blk.attn(blk.norm1(x), **attn_kwargs)
+        else:  # timm's own Attention, with the method's softmax in place of SDPA's
+            with _AttentionProbs(probs_fn):
+                h = blk.attn(blk.norm1(x), **attn_kwargs)
+        x = x + blk.drop_path1(blk.ls1(h))
         acts = self._acts[layer]
         if acts and self._site_mid:
             x = self._reduce(x, layer, blk, bias)
@@ -296,7 +341,7 @@ class TimmViTAdapter(Adapter):
             size=size.detach(),
             source=source.detach() if source is not None else None,
             tokens_per_layer=[b[0] for b in fs.blocks],
-            flops=self.flops(fs),
+            flops=torch.tensor(self.flops(fs), dtype=torch.float64),  # 0-d: fixtures compare it as a tensor
             kept=dict(fs.kept),
         )
 

@@ -6,6 +6,7 @@ from . import pitome  # noqa: F401,E402  (registers "pitome")
 from . import atc  # noqa: F401,E402  (registers "atc")
 from . import visionzip  # noqa: F401,E402  (registers "visionzip")
 from . import dart  # noqa: F401,E402  (registers "dart")
+from . import diffrate  # noqa: F401,E402  (registers "diffrate")
 from . import zero_tprune  # noqa: F401,E402  (registers "zero_tprune")
 from . import baselines  # noqa: F401,E402  (registers "random", "topk_attn")
 

@@ -101,6 +101,17 @@ class ReductionMethod:
             return None
         return size.log()[:, None, None, :]
 
+    def attention_probs(self, layer: int, training: bool) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        """A replacement for the softmax of this layer's attention, or None (the default: fused attention).
+
+        The function maps the logits ``[B, H, N, N]`` (scaled ``q·kᵀ`` plus the attention bias) to probabilities
+        of the same shape; the adapter then runs that layer's attention eagerly with it. Only a method whose
+        gradient must flow through the probabilities needs this (DiffRate's rate search: softmax with a token
+        policy). Adapters call it once per block and forward, before the block's reduction site, with the
+        block's ``training`` flag.
+        """
+        return None
+
     def reduce(self, state: TokenState) -> TokenState:  # pragma: no cover - abstract
         raise NotImplementedError
 
