@@ -145,18 +145,20 @@ def test_energy_routes_to_kernel(monkeypatch):
 
 
 @needs_interpreter
-def test_tome_model_same_output_on_both_paths(monkeypatch):
-    """A small timm ViT patched with ToMe: the forward through the kernels equals the PyTorch forward."""
-    model = tokenreduce.patch(tiny_vit(), "tome", r=8)
+@pytest.mark.parametrize("method,params,kernel", [("tome", {"r": 8}, ("merge", "merge_weighted")),
+                                                  ("pitome", {"ratio": 0.9}, ("energy", "energy_score"))])
+def test_patched_model_same_output_on_both_paths(monkeypatch, method, params, kernel):
+    """A small timm ViT patched with ToMe / PiToMe: the forward through the kernels equals the PyTorch forward."""
+    model = tokenreduce.patch(tiny_vit(), method, **params)
     images = torch.randn(2, 3, 32, 32)
     monkeypatch.setenv("TOKENREDUCE_KERNELS", "0")
     with torch.no_grad():
         ref = model(images)
         ref_size = tokenreduce.info(model).size
     monkeypatch.setenv("TOKENREDUCE_KERNELS", "1")
-    calls = counting(monkeypatch, "merge", "merge_weighted")
+    calls = counting(monkeypatch, *kernel)
     with torch.no_grad():
         got = model(images)
-    assert calls, "the forward did not go through the merge kernel"
+    assert calls, f"the forward did not go through the {kernel[0]} kernel"
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(tokenreduce.info(model).size, ref_size)
