@@ -4,6 +4,11 @@ The navigation in mkdocs.yml names every page the site should have. Pages are wr
 different times, so a page that does not exist yet is dropped from the navigation (with an INFO line naming it)
 instead of failing ``mkdocs build --strict``; a section left empty disappears. An entry whose target ends in "/"
 (``Benchmarks: benchmarks/``) becomes one entry per Markdown page in that folder, titled by its first heading.
+
+Pages are also read on GitHub, where a link such as ``[configs/default_eval.yaml](../configs/default_eval.yaml)``
+to a file of the repository outside ``docs/`` works. mkdocs cannot serve such files, so those links (to files
+that exist) become links to ``repo_url`` (``<repo_url>/blob/<edit branch>/<path>``) when mkdocs.yml sets one,
+and plain code text otherwise. Broken links inside ``docs/`` are left alone, so ``--strict`` still reports them.
 """
 from __future__ import annotations
 
@@ -49,6 +54,55 @@ def _filter(items: List[Any], docs: Path, missing: List[str]) -> List[Any]:
         else:
             missing.append(target)
     return out
+
+
+_LINK = re.compile(r"(?<!!)\[([^\]]*)\]\(([^)\s]+)\)")
+_FENCE = re.compile(r"^(```|~~~)", re.M)
+
+
+def _outside_link(match: "re.Match[str]", page_dir: Path, docs: Path, root: Path, repo_url: str,
+                  branch: str) -> str:
+    text, target = match.group(1), match.group(2)
+    if re.match(r"[a-z]+:|#|/", target):
+        return match.group(0)
+    path_part, _, anchor = target.partition("#")
+    resolved = (page_dir / path_part).resolve()
+    try:
+        resolved.relative_to(docs.resolve())
+        return match.group(0)  # inside docs/: mkdocs checks it
+    except ValueError:
+        pass
+    try:
+        rel = resolved.relative_to(root.resolve())
+    except ValueError:
+        return match.group(0)
+    if not resolved.exists():
+        return match.group(0)
+    if repo_url:
+        kind = "tree" if resolved.is_dir() else "blob"
+        return f"[{text}]({repo_url.rstrip('/')}/{kind}/{branch}/{rel.as_posix()}{'#' + anchor if anchor else ''})"
+    return text if text.startswith("`") else f"`{text}`"
+
+
+def on_page_markdown(markdown: str, page: Any, config: Any, files: Any, **kwargs: Any) -> str:
+    """Links to repository files outside docs/ -> repo_url links, or code text without a repo_url."""
+    docs = Path(config["docs_dir"])
+    root = Path(config["config_file_path"]).parent
+    page_dir = (docs / page.file.src_path).parent
+    repo_url = config.get("repo_url") or ""
+    edit_uri = config.get("edit_uri") or ""
+    branch = edit_uri.strip("/").split("/")[1] if edit_uri.strip("/").startswith("edit/") else "main"
+    parts = _FENCE.split(markdown)
+    # re.split with one group: [text, fence, text, fence, ...]; odd text chunks are inside code fences
+    out, inside = [], False
+    for i, chunk in enumerate(parts):
+        if i % 2 == 1:
+            out.append(chunk)
+            inside = not inside
+            continue
+        out.append(chunk if inside else _LINK.sub(
+            lambda m: _outside_link(m, page_dir, docs, root, repo_url, branch), chunk))
+    return "".join(out)
 
 
 def on_config(config: Any, **kwargs: Any) -> Optional[Any]:
