@@ -386,8 +386,9 @@ class LayerRecord:
         layer: block index (``-1``: the input, before any block).
         tokens: tokens leaving the block (prefix included).
         labels: ``[rows, cols]`` label map (:func:`source_to_labels`); ``-1`` marks dropped patches.
-        exact: False when the picture could not be derived from ``source`` or ``kept`` (the method reported
-            neither, e.g. a merge without ``trace_source``): the labels then show no change.
+        exact: False when the picture is incomplete: tokens were merged but no ``source`` says which (e.g.
+            VisionZip's contextual tokens, or a model patched without ``trace_source``). The labels then show the
+            kept tokens (patches merged away look dropped), or no change when nothing was reported.
     """
 
     layer: int
