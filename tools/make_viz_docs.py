@@ -139,7 +139,7 @@ def draw_set(name: str, spec: Dict[str, Any], methods: List[str], photos: List[s
                 break
             path = viz.save_png(fig, out_dir / f"{method}_{photo}.png", dpi=90, colors=256)
             last = records[-1]
-            print(f"{path.relative_to(ROOT)}: {last.tokens} tokens at the end, "
+            print(f"{path.relative_to(docs)}: {last.tokens} tokens at the end, "
                   f"{int((last.labels < 0).sum())} patches dropped ({time.perf_counter() - started:.1f}s)")
             meta["params"][method] = params
     meta_path.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
