@@ -676,7 +676,7 @@ def visualize_parser(prog: str = "tokenreduce visualize") -> argparse.ArgumentPa
   tokenreduce visualize docs/assets/chelsea.jpg --model vit_small_patch16_224 --method tome --param r=13 --out tome.png
   tokenreduce visualize cat.jpg --model deit_small_patch16_224.fb_in1k --pretrained --method zero_tprune \\
       --param keep_ratio=0.7 --out ztp.png
-  tokenreduce visualize cat.jpg --config configs/diffrate/deit_small.yaml --out diffrate.png
+  tokenreduce visualize cat.jpg --model deit_small_patch16_224 --method diffrate --param rates=deit_small@2.9 --out d.png
 
 Without --pretrained or --checkpoint the weights are random: merges then follow colour and position only.""")
     p.add_argument("image", help="an image file (any format PIL reads)")
@@ -775,7 +775,8 @@ def plot_results(rows: Sequence[Mapping[str, Any]], title: str = ""):
         groups.setdefault(key(r), []).append(r)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.3), dpi=110)
     cmap = plt.get_cmap("tab10")
-    for i, ((method, model), members) in enumerate(sorted(groups.items())):
+    ordered = sorted(groups.items(), key=lambda kv: (kv[0][0] != "none", kv[0]))  # the unpatched model first
+    for i, ((method, model), members) in enumerate(ordered):
         label = ("unpatched" if method == "none" else method) + (f" ({model})" if model else "")
         color = cmap(i % 10)
         for ax, xkey in zip(axes, ("gflops", "img_per_s")):
