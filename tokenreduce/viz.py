@@ -676,7 +676,7 @@ def visualize_parser(prog: str = "tokenreduce visualize") -> argparse.ArgumentPa
   tokenreduce visualize docs/assets/chelsea.jpg --model vit_small_patch16_224 --method tome --param r=13 --out tome.png
   tokenreduce visualize cat.jpg --model deit_small_patch16_224.fb_in1k --pretrained --method zero_tprune \\
       --param keep_ratio=0.7 --out ztp.png
-  tokenreduce visualize cat.jpg --model deit_small_patch16_224 --method diffrate --param rates=deit_small@2.9 --out d.png
+  tokenreduce visualize a.jpg --model deit_small_patch16_224 --method diffrate --param rates=deit_small@2.9 --out d.png
 
 Without --pretrained or --checkpoint the weights are random: merges then follow colour and position only.""")
     p.add_argument("image", help="an image file (any format PIL reads)")
