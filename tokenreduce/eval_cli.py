@@ -72,7 +72,12 @@ class Row:
 def build_parser(prog: str = "tokenreduce eval") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=__doc__.split("\n\n")[0],
+        description=_wrap("Evaluate a model unpatched and with token-reduction methods: top-1 / top-5, GFLOPs per "
+                    "image, img/s.\n\nWith no arguments: the offline default job (the reference ViT on the "
+                    "Fashion-MNIST test set, unpatched and with every registered method at its setting in "
+                    "configs/default_eval.yaml; writes results/default.json, .csv and a Pareto plot). With --data "
+                    "(an ImageFolder such as ImageNet val) and --model or --config: timm validate.py style "
+                    "evaluation; runs under torchrun too."),
         epilog="""examples:
   tokenreduce eval                                   # the offline default job (Fashion-MNIST, every method)
   tokenreduce eval --method tome --param r=12 --baseline --limit 0
@@ -127,6 +132,11 @@ synchronised timing pass on one batch.""")
     out.add_argument("--default-config", default=str(DEFAULT_EVAL_CONFIG),
                      help="method settings of the default job (default: %(default)s)")
     return p
+
+
+def _wrap(text: str) -> str:
+    import textwrap
+    return "\n\n".join(textwrap.fill(par, 100) for par in text.split("\n\n"))
 
 
 def parse_params(items: Sequence[str]) -> Dict[str, Any]:
@@ -219,7 +229,17 @@ def build_dataset(args: argparse.Namespace, model: nn.Module):
 # Runs
 # ---------------------------------------------------------------------------------------------------------------
 def fmt_params(params: Dict[str, Any]) -> str:
+    """``r=8, prop_attn=false``: the full parameters (results files)."""
     return ", ".join(f"{k}={json.dumps(v)}" for k, v in params.items())
+
+
+def short_params(params: Dict[str, Any]) -> str:
+    """A compact form for table rows: long lists are shortened to their ends (``[197,197,...,55]``)."""
+    def short(v: Any) -> str:
+        if isinstance(v, (list, tuple)) and len(v) > 4:
+            return f"[{json.dumps(v[0])},{json.dumps(v[1])},...,{json.dumps(v[-1])}]"
+        return json.dumps(v, separators=(",", ":"))
+    return " ".join(f"{k}={short(v)}" for k, v in params.items())
 
 
 def load_default_job(path: str) -> Tuple[List[Run], Dict[str, Any]]:
@@ -238,7 +258,7 @@ def load_default_job(path: str) -> Tuple[List[Run], Dict[str, Any]]:
             runs.append(Run(name, name, {}, note="method defaults (no entry in default_eval.yaml)"))
             continue
         for params in entry if isinstance(entry, list) else [entry]:
-            runs.append(Run(f"{name} {fmt_params(params)}", name, dict(params or {})))
+            runs.append(Run(f"{name} {short_params(params)}", name, dict(params or {})))
     extra = sorted(set(settings) - set(list_methods()))
     options = {"limit": data.get("limit"), "batch_size": data.get("batch_size"), "threads": data.get("threads"),
                "timing": data.get("timing") or {}, "not_registered": extra}
@@ -257,11 +277,11 @@ def plan_runs(args: argparse.Namespace) -> Tuple[List[Run], Dict[str, Any]]:
         resolve_params(cfg.method, params)
         extra = {"model": cfg.model, "model_kwargs": cfg.model_kwargs, "checkpoint": cfg.checkpoint,
                  "preprocessing": cfg.preprocessing, "paper": cfg.paper, "config": str(cfg.path)}
-        runs = [Run(f"{cfg.method} {fmt_params(params)}", cfg.method, params, paper=cfg.paper)]
+        runs = [Run(f"{cfg.method} {short_params(params)}", cfg.method, params, paper=cfg.paper)]
     elif args.method:
         get_method(args.method)
         resolve_params(args.method, given)
-        runs = [Run(f"{args.method} {fmt_params(given)}".strip(), args.method, given)]
+        runs = [Run(f"{args.method} {short_params(given)}".strip(), args.method, given)]
     else:
         if given:
             raise SystemExit("error: --param needs --method or --config")
@@ -390,6 +410,9 @@ def plot_pareto(rows: Sequence[Row], path: Path, title: str) -> Optional[Path]:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="*" if m == "none" else "o",
                 markersize=12 if m == "none" else 6, color=cmap(i % 10), label="unpatched" if m == "none" else m,
                 linestyle="-" if len(pts) > 1 else "none")
+    base = next((r for r in ok if r.method == "none"), None)
+    if base is not None:
+        ax.axhline(base.top1, color="0.75", linewidth=0.8, linestyle="--", zorder=0)
     front = pareto_front([(r.gflops, r.top1) for r in ok])
     ax.plot([p[0] for p in front], [p[1] for p in front], color="0.6", linestyle=":", zorder=0, label="Pareto front")
     ax.set_xlabel("GFLOPs per image (analytic MACs)")
@@ -407,7 +430,8 @@ def plot_pareto(rows: Sequence[Row], path: Path, title: str) -> Optional[Path]:
 def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{platform.processor() or platform.machine()} CPU, {threads} thread{'s' if threads > 1 else ''}"
 
 
 # ---------------------------------------------------------------------------------------------------------------

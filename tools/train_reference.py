@@ -15,7 +15,7 @@ Resumable: the full training state is written to ``--work-dir/last.pt`` after ev
 on restart. At the end the weights go to ``--out`` (safetensors) with a JSON recipe (and a Markdown copy)
 holding the measured test accuracy.
 
-    nice -n 19 python tools/train_reference.py --threads 1 > runs/train.log 2>&1 &
+    nice -n 19 python tools/train_reference.py --threads 1 > train.log 2>&1 &
 """
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ def parse_args(argv: List[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="folder with the Fashion-MNIST IDX files (default: Debian's)")
     p.add_argument("--out", default=str(REFERENCE_CHECKPOINT), help="final safetensors path (recipe beside it)")
     p.add_argument("--work-dir", default="runs/fmnist_reference", help="resumable state and per-epoch log")
-    p.add_argument("--epochs", type=int, default=22, help="total epochs")
-    p.add_argument("--low-res-epochs", type=int, default=15, help="leading epochs at --low-res-size")
+    p.add_argument("--epochs", type=int, default=10, help="total epochs")
+    p.add_argument("--low-res-epochs", type=int, default=8, help="leading epochs at --low-res-size")
     p.add_argument("--low-res-size", type=int, default=14, help="image side during the low-resolution phase")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
@@ -210,7 +210,7 @@ def export(model: nn.Module, test_set: FashionMNIST, arch: Dict[str, Any], histo
         "optimizer": "AdamW, linear warm-up then per-step cosine decay, label smoothing, grad clip",
         "train_minutes": round(train_seconds / 60, 1),
         "hardware": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-                    f"{args.threads} thread(s), nice 19, CPU shared with other jobs",
+                    f"{args.threads} thread(s), CPU shared with other jobs",
         "history": history,
     }
     out.with_suffix(".json").write_text(json.dumps(recipe, indent=2) + "\n")
