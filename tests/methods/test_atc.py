@@ -124,6 +124,13 @@ def test_distilled_model_protects_both_tokens_and_stays_finite():
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model(dtype):
+    model = tiny_vit().to(dtype)
+    out, info = _run(model, _images().to(dtype), r=8, linkage="average")
+    assert info.tokens_per_layer == [65, 57, 49, 41] and torch.isfinite(out.float()).all()
+
+
 def test_prop_attn_off_changes_the_output():
     x = _images()
     on, _ = _run(tiny_vit(), x, r=8)

@@ -172,6 +172,11 @@ def test_options_change_the_result_and_defaults_are_explicit():
         assert not torch.equal(other, base), params
 
 
+def test_bfloat16_model():
+    out, info = _run(tiny_vit().to(torch.bfloat16), _images().to(torch.bfloat16), ratio=0.8)
+    assert info.tokens_per_layer == [65, 53, 43, 35] and torch.isfinite(out.float()).all()
+
+
 def test_prop_attn_uses_the_size_bias():
     model = tiny_vit()
     tokenreduce.patch(model, "pitome", ratio=0.8, prop_attn=True)

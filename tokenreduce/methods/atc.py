@@ -130,7 +130,10 @@ class ATC(ReductionMethod):
         if k >= t:
             return state
         with torch.no_grad():
-            labels = agglomerative_clustering(cosine_distance(state.keys[:, p:]), k, self.linkage)
+            metric = state.keys[:, p:]
+            if metric.dtype in (torch.float16, torch.bfloat16):
+                metric = metric.float()  # half-precision distances would be riddled with exact ties
+            labels = agglomerative_clustering(cosine_distance(metric), k, self.linkage)
             if p:
                 prefix = torch.arange(p, device=labels.device).expand(labels.shape[0], p)
                 labels = torch.cat([prefix, labels + p], dim=1)

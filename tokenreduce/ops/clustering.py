@@ -9,12 +9,14 @@ Algorithm: the textbook greedy loop. Every step merges, in every image at once, 
 updates the distance matrix with the Lance-Williams formula of the linkage (average: size-weighted mean of the
 two rows, complete: max, single: min). For these (reducible) linkages the greedy merge heights never decrease,
 so the first ``N - K`` greedy merges are exactly the merges below scikit-learn's cut of the full tree at ``K``
-clusters: the partitions agree up to ties between equal distances. Each image keeps, per row, its nearest
-neighbour and its distance, so a step costs ``O(N)`` per image instead of a scan of the ``N x N`` matrix: only
-the rows whose nearest neighbour took part in the merge are rescanned (for single linkage not even those).
+clusters: the partitions agree up to ties between equal distances. Each image keeps the minimum of every row,
+so a step reads ``O(N)`` per image instead of scanning the ``N x N`` matrix: the closest pair's row, the two
+merged rows, and the few rows whose minimum sat in a merged column (for single linkage not even those).
 
-A step is about forty small tensor operations on ``[B, N]`` tensors regardless of the batch size, so the batch
-comes almost for free; the loop runs ``N - K`` steps.
+A step is about fifty small tensor operations on ``[B, N]``-sized tensors whatever the batch size, so the batch
+comes almost for free; the loop runs ``N - K`` steps. (Merging all reciprocal nearest-neighbour pairs per round
+gives the same partitions in fewer, larger steps, but measured slower on CPU at ViT sizes: see
+docs/benchmarks/clustering_cpu.md.)
 """
 from __future__ import annotations
 
