@@ -185,7 +185,7 @@ def best_match(
     has_valid = isinstance(valid_cols, torch.Tensor)
     if valid_cols is not None and not has_valid:
         col_end = max(0, min(nb, int(valid_cols)))
-    valid = valid_cols.to(device=a.device).reshape(bsz) if has_valid else index  # index: unused placeholder
+    valid = valid_cols.to(device=a.device).reshape(bsz).contiguous() if has_valid else index  # else: unused
     col_start = max(0, min(int(protect_cols), nb))
 
     block_d = (config or {}).get("BLOCK_D", dot_block(d, 32 if a.dtype == torch.float32 else 128))
