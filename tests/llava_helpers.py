@@ -24,7 +24,7 @@ PAD = 0
 
 
 def tiny_llava(attn: str = "sdpa", seed: int = 0, vision_layers: int = 3, lm_layers: int = 3,
-               image_size: int = 56, patch: int = 7) -> torch.nn.Module:
+               image_size: int = 56, patch: int = 7, text_model: str = "llama") -> torch.nn.Module:
     """A random LlavaForConditionalGeneration shaped like LLaVA-1.5 in miniature: CLIP tower with ``vision_layers``
     layers (features from layer -2, CLS dropped), Llama with ``lm_layers`` layers and GQA, float64, eval.
     Weights get extra noise so attention is far from uniform and selections are far from ties."""
@@ -32,7 +32,7 @@ def tiny_llava(attn: str = "sdpa", seed: int = 0, vision_layers: int = 3, lm_lay
         vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
                            num_hidden_layers=vision_layers, num_attention_heads=4, image_size=image_size,
                            patch_size=patch, hidden_act="quick_gelu"),
-        text_config=dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+        text_config=dict(model_type=text_model, vocab_size=64, hidden_size=32, intermediate_size=64,
                          num_hidden_layers=lm_layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=PAD),
         image_token_index=IMAGE_TOKEN, vision_feature_layer=-2, vision_feature_select_strategy="default",

@@ -104,15 +104,18 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, device: str, repeats: int) -> Tuple[float, Any]:
+def timed(fn, device: str, repeats: int, clock: str = "wall") -> Tuple[float, Any]:
+    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up. ``clock="cpu"`` counts this process's CPU
+    time (all its threads) instead of wall time: steadier on a CPU shared with other jobs."""
+    now = time.process_time if clock == "cpu" else time.perf_counter
     out = fn()  # warm-up
     times = []
     for _ in range(repeats):
         _sync(device)
-        t0 = time.perf_counter()
+        t0 = now()
         out = fn()
         _sync(device)
-        times.append(time.perf_counter() - t0)
+        times.append(now() - t0)
     return statistics.median(times), out
 
 
@@ -122,13 +125,14 @@ def run(model, inputs, spec: str, args) -> Dict[str, Any]:
         tokenreduce.patch(model, name, **params)
     try:
         with torch.inference_mode():
-            prefill, out = timed(lambda: model(**inputs, use_cache=True), args.device, args.repeats)
+            prefill, out = timed(lambda: model(**inputs, use_cache=True), args.device, args.repeats, args.clock)
             last = out.past_key_values.layers[-1].keys.shape[-2]
             ids = inputs["input_ids"][0]
             text_tokens = int((ids != model.config.image_token_id).sum())
             image_tokens = last - text_tokens
             gen, _ = timed(lambda: model.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=False,
-                                                  min_new_tokens=args.new_tokens), args.device, args.repeats)
+                                                  min_new_tokens=args.new_tokens), args.device, args.repeats,
+                            args.clock)
     finally:
         if tokenreduce.is_patched(model):
             tokenreduce.unpatch(model)
@@ -160,6 +164,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="wall time, or this process's CPU time (steadier on a shared CPU; use with --threads 1)")
     ap.add_argument("--out", help="also write the table (with the settings) to this markdown file")
     args = ap.parse_args(argv)
     if args.threads:
@@ -176,8 +182,8 @@ def main(argv=None) -> int:
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     header = (f"{args.model or 'random ' + args.geometry} | {device}, {torch.get_num_threads()} threads | "
               f"{args.dtype}, {args.attn} | batch {args.batch} | prompt {inputs['input_ids'].shape[1]} tokens | "
-              f"{args.new_tokens} new tokens | median of {args.repeats} | torch {torch.__version__}, "
-              f"transformers {transformers.__version__}")
+              f"{args.new_tokens} new tokens | median of {args.repeats}, {args.clock} clock | "
+              f"torch {torch.__version__}, transformers {transformers.__version__}")
     text = header + "\n\n" + table(rows)
     print(text)
     if args.out:

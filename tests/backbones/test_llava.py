@@ -281,6 +281,30 @@ def test_dart_labels_follow_the_kept_tokens(llava, batch):
         tokenreduce.unpatch(llava)
 
 
+@pytest.mark.parametrize("text_model", ["llama", "qwen2", "qwen3"])
+def test_dart_keys_and_batching_on_language_models(text_model, batch):
+    """DART's pivot keys are exactly the post-RoPE keys layer K-1 caches (Qwen2: biased k_proj; Qwen3: k_norm
+    before RoPE), and selection is per sample."""
+    rows, ids, mask, pv = batch
+    model = tiny_llava(text_model=text_model, vision_layers=2)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, pixel_values=pv, position_ids=pos, use_cache=True)
+    tokenreduce.patch(model, "dart", layer=2, image_pivots=2, text_pivots=2, per_pivot=4)
+    method, seen = model._tokenreduce.method, {}
+    select = method.select
+    method.select = lambda state: seen.setdefault("keys", state.extras["keys_per_head"]) is not None and select(state)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, pixel_values=pv, position_ids=pos, use_cache=True)
+    torch.testing.assert_close(seen["keys"], ref.past_key_values.layers[1].keys, atol=1e-12, rtol=1e-12)
+    method.select = select
+    new, logits = greedy(model, ids, mask, pv, max_new_tokens=2)
+    alone_new, alone_logits = greedy(model, rows[0][None], torch.ones(1, len(rows[0]), dtype=torch.long), pv[:1],
+                                     max_new_tokens=2)
+    assert torch.equal(alone_new, new[:1])
+    torch.testing.assert_close(alone_logits, logits[:1], atol=1e-6, rtol=1e-6)
+
+
 def test_dart_errors():
     model = tiny_llava(vision_layers=2, lm_layers=2)
     with pytest.raises(ValueError, match="exactly one decoder layer"):

@@ -445,6 +445,16 @@ class LlavaAdapter(Adapter):
         if rope is None or k_src is None or not hasattr(self.lm, "norm") or not hasattr(prev, "head_dim"):
             raise ValueError(f"{method.name} needs a Llama-style language model (k_proj, rotary embeddings, a final "
                              f"norm); {type(self.lm).__name__} is not one")
+        # Sliding-window layers after K would need windowed masks over the pruned layout; they are refused at run
+        # time once a sequence is longer than the window (below it, the window masks nothing).
+        layer_types = list(getattr(self.lm.config, "layer_types", None) or [])
+        window = getattr(self.lm.config, "sliding_window", None)
+        if not layer_types and window is not None:
+            layer_types = ["sliding_attention"] * len(layers)  # e.g. Mistral: one window for every layer
+        if any(t not in ("full_attention", "sliding_attention") for t in layer_types[k:]):
+            raise ValueError(f"{method.name} builds causal masks for the pruned layers; this language model has "
+                             f"{sorted(set(layer_types[k:]))} layers after layer {k}")
+        self._window = window if "sliding_attention" in layer_types[k:] else None
         self._k, self._rope, self._head_dim = k, rope, int(prev.head_dim)
         self._hooks.append(self.model.model.register_forward_pre_hook(self._capture_image_mask, with_kwargs=True))
         self._hooks.append(self.lm.register_forward_pre_hook(self._begin_llm, with_kwargs=True))
@@ -570,6 +580,10 @@ class LlavaAdapter(Adapter):
                 subs["position_ids"] = self._gather_rows(a["position_ids"], kept)
             chunk_valid = chunk_valid.gather(1, kept)
         past = cache.get_seq_length(self._k) if cache is not None else 0
+        total = cache.get_seq_length(0) if cache is not None else q  # layer 0 already holds this forward's tokens
+        if self._window is not None and total > self._window:
+            raise ValueError(f"{self.method.name} does not support sliding-window attention over the pruned layers "
+                             f"(window {self._window}, sequence {total})")
         if layout is not None and layout.mask is not None:
             past_mask = layout.mask.to(hidden.device)
         elif layout is None and past and mask2d is not None:
