@@ -60,3 +60,16 @@ def test_checkpoint_resume(tmp_path, monkeypatch):
     # resuming gives exactly the uninterrupted run (same data order, optimizer state, schedule)
     assert resumed["per_rank"][0]["digest"] == straight["per_rank"][0]["digest"]
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["steps"] == 4
+
+
+def test_fashion_mnist_data():
+    """The project's default dataset feeds the search (training split, at the model's input size)."""
+    import pytest
+    from tokenreduce.diffrate_search import _dataset
+    from tokenreduce.reference import create_reference_model
+    try:
+        data = _dataset(SearchConfig(data="fashion-mnist"), create_reference_model())
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    image, label = data[0]
+    assert len(data) == 60000 and image.shape == (1, 28, 28) and 0 <= label < 10

@@ -162,9 +162,10 @@ class SearchConfig:
     model: str = "deit_small_patch16_224"
     model_kwargs: Optional[Dict[str, Any]] = None
     pretrained: bool = False
-    data: Optional[str] = None  # an ImageFolder root (its train/ subfolder when present)
+    data: Optional[str] = None  # an ImageFolder root (its train/ subfolder when present), or "fashion-mnist"
     synthetic: bool = False
     synthetic_size: int = 1024
+    limit: Optional[int] = None  # use only the first N images of the data
     target_gflops: float = 2.9
     flops_weight: float = FLOPS_WEIGHT
     epochs: int = 3
@@ -196,6 +197,18 @@ class SyntheticImages(torch.utils.data.Dataset):
         return torch.randn(self.input_size, generator=g), int(torch.randint(self.num_classes, (1,), generator=g))
 
 
+FASHION_MNIST = ("fashion-mnist", "fmnist")
+
+
+def _build_model(cfg: SearchConfig) -> nn.Module:
+    """A timm model by name, or ``"reference"``: the project's trained Fashion-MNIST ViT (tokenreduce.reference)."""
+    if cfg.model == "reference":
+        from .reference import load_reference_model
+        return load_reference_model()
+    import timm
+    return timm.create_model(cfg.model, pretrained=cfg.pretrained, **(cfg.model_kwargs or {}))
+
+
 def _dataset(cfg: SearchConfig, model: nn.Module):
     from timm.data import create_transform, resolve_data_config
     data_cfg = resolve_data_config({}, model=model)
@@ -204,8 +217,12 @@ def _dataset(cfg: SearchConfig, model: nn.Module):
         if isinstance(getattr(model.patch_embed, "proj", None), nn.Conv2d) else data_cfg["input_size"]
     if cfg.synthetic:
         return SyntheticImages(cfg.synthetic_size, data_cfg["input_size"], model.num_classes, cfg.seed)
+    if cfg.data in FASHION_MNIST or (cfg.data is None and cfg.model == "reference"):
+        from .data import FashionMNIST  # the project's offline default (its training split)
+        channels, height, _ = data_cfg["input_size"]
+        return FashionMNIST(train=True, img_size=height, channels=channels)
     if not cfg.data:
-        raise ValueError("give --data (an ImageFolder root) or --synthetic")
+        raise ValueError("give --data (an ImageFolder root or 'fashion-mnist') or --synthetic")
     from torchvision.datasets import ImageFolder
     root = Path(cfg.data)
     root = root / "train" if (root / "train").is_dir() else root
@@ -262,7 +279,6 @@ def search_rates(cfg: SearchConfig) -> Dict[str, Any]:
     Under ``torchrun`` every process trains on its shard of the data and DDP averages the rate gradients, so all
     ranks hold the same logits; the summary lists every rank's final counts to prove it.
     """
-    import timm
     import torch.distributed as dist
     from tqdm import tqdm
 
@@ -272,7 +288,7 @@ def search_rates(cfg: SearchConfig) -> Dict[str, Any]:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
 
-    model = timm.create_model(cfg.model, pretrained=cfg.pretrained, **(cfg.model_kwargs or {}))
+    model = _build_model(cfg)
     model.requires_grad_(False)
     model.to(device)
     api.patch(model, "diffrate", granularity=cfg.granularity)
@@ -286,6 +302,8 @@ def search_rates(cfg: SearchConfig) -> Dict[str, Any]:
     scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
 
     dataset = _dataset(cfg, model)
+    if cfg.limit is not None:
+        dataset = torch.utils.data.Subset(dataset, range(min(cfg.limit, len(dataset))))
     sampler = (torch.utils.data.distributed.DistributedSampler(dataset, seed=cfg.seed) if world > 1
                else torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(cfg.seed)))
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
@@ -380,12 +398,15 @@ def search_rates(cfg: SearchConfig) -> Dict[str, Any]:
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The rate-search options (shared by tools/train_rates.py and ``tokenreduce search-rates``)."""
     d = SearchConfig()
-    p.add_argument("--model", default=d.model, help="timm model name")
+    p.add_argument("--model", default=d.model, help="timm model name, or 'reference' (the project's trained "
+                   "Fashion-MNIST ViT; its data is the default then)")
     p.add_argument("--model-kwargs", type=json.loads, default=None, help='JSON kwargs for timm.create_model')
     p.add_argument("--pretrained", action="store_true", help="load the model's pretrained weights")
-    p.add_argument("--data", help="ImageFolder root (uses its train/ subfolder when there is one)")
+    p.add_argument("--data", help="ImageFolder root (uses its train/ subfolder when there is one), or "
+                   "'fashion-mnist' (the offline default dataset, training split)")
     p.add_argument("--synthetic", action="store_true", help="random images and labels instead of --data")
     p.add_argument("--synthetic-size", type=int, default=d.synthetic_size, help="images in the synthetic set")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N images of the data")
     p.add_argument("--target-gflops", type=float, required=True, help="FLOPs target (GMACs per image, upstream's "
                    "counter)")
     p.add_argument("--flops-weight", type=float, default=d.flops_weight, help="lambda of the FLOPs loss")
