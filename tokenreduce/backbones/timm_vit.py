@@ -238,10 +238,12 @@ class TimmViTAdapter(Adapter):
         if attn_mask.shape[-1] != n:
             raise ValueError(f"attn_mask covers {attn_mask.shape[-1]} tokens but {n} remain after token reduction; "
                              "masks cannot follow merged tokens (reduce only after the masked blocks)")
-        if attn_mask.dtype == torch.bool:
-            attn_mask = torch.zeros_like(attn_mask, dtype=self.fs.size.dtype if size is not None else torch.float32
-                                         ).masked_fill(~attn_mask, float("-inf"))
-        return attn_mask if bias is None else attn_mask + bias
+        if bias is None:
+            return attn_mask
+        if attn_mask.dtype == torch.bool:  # True = attend, as in SDPA
+            attn_mask = torch.zeros(attn_mask.shape, dtype=bias.dtype, device=bias.device).masked_fill(
+                ~attn_mask, float("-inf"))
+        return attn_mask + bias
 
     def _block_forward(self, blk: nn.Module, layer: int, x: torch.Tensor,
                        attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
