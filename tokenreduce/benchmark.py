@@ -175,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="torch.compile each model before timing")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--json", dest="json_path", help="write the rows as JSON")
     p.add_argument("--csv", dest="csv_path", help="write the rows as CSV")
     return p
@@ -183,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
     args = build_parser().parse_args(argv)
     runs = [parse_run(s) for s in (args.run or ["tome:r=8", "tome:r=13", "tome:r=16"])]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"device: {device_name(args.device)}; torch {torch.__version__}")
     rows: List[Row] = []
     for name in args.model:
