@@ -159,7 +159,7 @@ def test_attn_mask_passes_through_at_zero_reduction():
         got = model.forward_features(x, attn_mask=mask)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
     tokenreduce.patch(model, "tome", r=4)
-    with pytest.raises(ValueError, match="attn_mask"):
+    with pytest.raises(ValueError, match="mask covers"):
         model.forward_features(x, attn_mask=mask)
 
 

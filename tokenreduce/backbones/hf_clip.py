@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 
 from ..methods.base import Geometry, ReductionMethod, Site
-from ..state import ForwardState, ReductionInfo, TokenState
+from ..state import ForwardState, ReductionInfo
+from . import host
 from .base import Adapter, register_adapter
 
 try:  # transformers is an optional dependency (the ``llava`` extra)
@@ -31,7 +32,7 @@ try:  # transformers is an optional dependency (the ``llava`` extra)
 except ImportError:  # pragma: no cover
     CLIPAttention = CLIPEncoderLayer = CLIPVisionModel = CLIPVisionModelWithProjection = None  # type: ignore
 
-ANALYSIS = frozenset({"keys", "keys_per_head", "cls_attn", "attn"})
+ANALYSIS = host.ANALYSIS
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -43,41 +44,13 @@ def split_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
     return t.view(b, n, num_heads, c // num_heads).transpose(1, 2)
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """Post-softmax attention ``[B, H, Nq, N]`` of queries ``q [B, H, Nq, d]`` over keys ``k [B, H, N, d]``.
-
-    ``bias`` is the additive mask the layer's attention saw (broadcastable to the logits), or None.
-    """
-    logits = (q * scale) @ k.transpose(-2, -1)
-    if bias is not None:
-        logits = logits + bias
-    return logits.softmax(dim=-1)
-
-
 def analysis_inputs(taps: Dict[str, torch.Tensor], needs: frozenset, num_heads: int, scale: float,
                     bias: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """What a method asked for, from the ``q_proj`` / ``k_proj`` outputs ``[B, N, C]`` of one attention layer.
-
-    Returns a dict with any of ``keys [B, N, d]`` (mean over heads), ``keys_per_head [B, H, N, d]``,
-    ``cls_attn [B, N]`` (head-mean softmax row of token 0) and ``attn [B, H, N, N]``.
-    """
-    out: Dict[str, torch.Tensor] = {}
+    """``host.analysis_inputs`` from the ``q_proj`` / ``k_proj`` outputs ``[B, N, C]`` of one attention layer."""
     if not needs & ANALYSIS:
-        return out
-    k = split_heads(taps["k"], num_heads)
-    if "keys" in needs:
-        out["keys"] = k.mean(dim=1)
-    if "keys_per_head" in needs:
-        out["keys_per_head"] = k
-    if "attn" in needs:
-        out["attn"] = attention_probs(split_heads(taps["q"], num_heads), k, scale, bias)
-        if "cls_attn" in needs:
-            out["cls_attn"] = out["attn"][:, :, 0].mean(dim=1)
-    elif "cls_attn" in needs:
-        q_cls = split_heads(taps["q"][:, :1], num_heads)
-        cls_bias = bias[..., :1, :] if bias is not None and bias.dim() == 4 and bias.shape[-2] > 1 else bias
-        out["cls_attn"] = attention_probs(q_cls, k, scale, cls_bias)[:, :, 0].mean(dim=1)
-    return out
+        return {}
+    q = split_heads(taps["q"], num_heads) if "q" in taps else None
+    return host.analysis_inputs(q, split_heads(taps["k"], num_heads), needs, scale, bias)
 
 
 def _linear_macs(module: nn.Module) -> int:
@@ -179,25 +152,12 @@ class ClipTowerHost:
                 self.fs.taps[name] = output
         return hook
 
-    def _attention_bias(self, attention_mask: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
-        size = self.fs.size
-        bias = self.method.attention_bias(size if size is not None and size.shape[1] == n else None)
-        if attention_mask is None:
-            return bias
-        if attention_mask.shape[-1] != n:
-            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens but {n} remain after token "
-                             "reduction; a mask cannot follow merged tokens")
-        if attention_mask.dtype == torch.bool:
-            dtype = size.dtype if size is not None else torch.float32
-            attention_mask = torch.zeros_like(attention_mask, dtype=dtype).masked_fill(~attention_mask, float("-inf"))
-        return attention_mask if bias is None else attention_mask + bias.to(attention_mask.dtype)
-
     def _layer_forward(self, layer: nn.Module, i: int, hidden_states: torch.Tensor,
                        attention_mask: Optional[torch.Tensor] = None, **kwargs: Any) -> torch.Tensor:
         # The minimal re-composition of CLIPEncoderLayer.forward that places the reduction site.
         fs = self.fs if self.fs is not None else self.begin()
         n_in = hidden_states.shape[1]
-        bias = self._attention_bias(attention_mask, n_in)
+        bias = host.attention_bias(self.method, fs.size, attention_mask, n_in)
         if bias is not None:
             bias = bias.to(hidden_states.dtype)
         attn_out, _ = layer.self_attn(hidden_states=layer.layer_norm1(hidden_states), attention_mask=bias, **kwargs)
@@ -216,41 +176,14 @@ class ClipTowerHost:
 
     def _reduce(self, x: torch.Tensor, i: int, layer: nn.Module, bias: Optional[torch.Tensor]) -> torch.Tensor:
         fs = self.fs
-        state = TokenState(x=x, size=fs.ensure_size(x), source=fs.ensure_source(x) if self.trace_source else None,
-                           num_prefix=1, layer=i)
-        for name, value in analysis_inputs(fs.taps, self._needs[i], self.num_heads, layer.self_attn.scale,
-                                           bias).items():
-            if name == "keys_per_head":
-                state.extras[name] = value
-            else:
-                setattr(state, name, value)
-        out = self.method.reduce(state)
-        if out is state:
-            return x
-        n = out.x.shape[1]
-        if out.size.shape[1] != n or (out.source is not None and out.source.shape[1] != n):
-            raise RuntimeError(f"{self.method.name} returned an inconsistent token state at layer {i}")
-        fs.size, fs.source = out.size, out.source
-        kept = out.extras.get("kept")
-        if kept is not None:
-            fs.kept[i] = kept
-        return out.x
+        analysis = analysis_inputs(fs.taps, self._needs[i], self.num_heads, layer.self_attn.scale, bias)
+        state = host.token_state(fs, x, i, 1, self.trace_source, analysis)
+        return host.reduce_tokens(fs, self.method, state)
 
     # ----------------------------------------------------------------------------------------------------------
     def info(self) -> ReductionInfo:
         fs = self.fs
-        if fs is None or not fs.blocks:
-            raise RuntimeError("no forward has run since the model was patched: call the model first")
-        batch, dtype, device = fs.extras["out"]
-        n_out = fs.blocks[-1][2]
-        size = fs.size if fs.size is not None else torch.ones(batch, n_out, dtype=dtype, device=device)
-        source = fs.source
-        if self.trace_source and source is None:
-            source = torch.eye(n_out, dtype=dtype, device=device).expand(batch, n_out, n_out)
-        return ReductionInfo(size=size.detach(), source=source.detach() if source is not None else None,
-                             tokens_per_layer=[b[0] for b in fs.blocks],
-                             flops=torch.tensor(float(self.flops(fs.blocks)), dtype=torch.float64),
-                             kept=dict(fs.kept))
+        return host.reduction_info(fs, self.trace_source, self.flops(fs.blocks) if fs is not None else 0)
 
     def flops(self, blocks: Sequence[tuple]) -> int:
         """Analytic MACs per image: patch embedding plus every layer run (convention in ``ops.flops``)."""

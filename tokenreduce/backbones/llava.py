@@ -42,6 +42,7 @@ from ..methods.base import Geometry, ReductionMethod, Site
 from ..ops.merge import gather_tokens
 from ..state import ForwardState, ReductionInfo, TokenState
 from .base import Adapter, register_adapter
+from . import host
 from .hf_clip import ANALYSIS, ClipTowerHost, analysis_inputs, check_clip_layers
 
 try:  # transformers is an optional dependency (the ``llava`` extra)
@@ -329,13 +330,8 @@ class LlavaAdapter(Adapter):
             raise RuntimeError("the vision tower's feature layer did not run before the projector")
         x = fs.taps["x"]
         layer = self.vision.encoder.layers[self._feature_layer]
-        state = TokenState(x=x, size=x.new_ones(x.shape[:2]), num_prefix=1, layer=self._feature_layer)
-        for name, value in analysis_inputs(fs.taps, self._tower_needs, layer.self_attn.num_heads,
-                                           layer.self_attn.scale, None).items():
-            if name == "keys_per_head":
-                state.extras[name] = value
-            else:
-                setattr(state, name, value)
+        analysis = analysis_inputs(fs.taps, self._tower_needs, layer.self_attn.num_heads, layer.self_attn.scale, None)
+        state = host.token_state(fs, x, self._feature_layer, 1, False, analysis)
         out = self.method.reduce(state)
         fs.size = out.size
         fs.blocks = [(x.shape[1], x.shape[1], x.shape[1])] * (self._feature_layer + 1)

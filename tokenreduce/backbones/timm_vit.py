@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..methods.base import Geometry, ReductionMethod, Site
-from ..state import ForwardState, ReductionInfo, TokenState
+from ..state import ForwardState, ReductionInfo
+from . import host
 from .base import Adapter, register_adapter
 
 try:  # timm is a hard dependency of the package, but keep import errors readable
@@ -179,7 +180,7 @@ class TimmViTAdapter(Adapter):
         for i, blk in enumerate(model.blocks):
             blk.forward = functools.partial(self._block_forward, blk, i)
             needs = self._needs[i]
-            if needs & {"keys", "keys_per_head", "cls_attn", "attn"}:
+            if needs & host.ANALYSIS:
                 self._hooks.append(blk.attn.k_norm.register_forward_hook(self._tap("k")))
             if needs & {"cls_attn", "attn"}:
                 self._hooks.append(blk.attn.q_norm.register_forward_hook(self._tap("q")))
@@ -230,21 +231,6 @@ class TimmViTAdapter(Adapter):
             self.fs.taps[name] = output
         return hook
 
-    def _attention_bias(self, attn_mask: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
-        size = self.fs.size
-        bias = self.method.attention_bias(size if size is not None and size.shape[1] == n else None)
-        if attn_mask is None:
-            return bias
-        if attn_mask.shape[-1] != n:
-            raise ValueError(f"attn_mask covers {attn_mask.shape[-1]} tokens but {n} remain after token reduction; "
-                             "masks cannot follow merged tokens (reduce only after the masked blocks)")
-        if bias is None:
-            return attn_mask
-        if attn_mask.dtype == torch.bool:  # True = attend, as in SDPA
-            attn_mask = torch.zeros(attn_mask.shape, dtype=bias.dtype, device=bias.device).masked_fill(
-                ~attn_mask, float("-inf"))
-        return attn_mask + bias
-
     def _block_forward(self, blk: nn.Module, layer: int, x: torch.Tensor,
                        attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
         fs = self.fs
@@ -252,7 +238,7 @@ class TimmViTAdapter(Adapter):
             self._begin(None)
             fs = self.fs
         n_in = x.shape[1]
-        bias = self._attention_bias(attn_mask, n_in)
+        bias = host.attention_bias(self.method, fs.size, attn_mask, n_in)
         attn_kwargs = {"attn_mask": bias}
         if is_causal:
             attn_kwargs["is_causal"] = True
@@ -276,45 +262,11 @@ class TimmViTAdapter(Adapter):
         return x
 
     def _reduce(self, x: torch.Tensor, layer: int, blk: nn.Module, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        fs = self.fs
-        needs = self._needs[layer]
-        state = TokenState(x=x, size=fs.ensure_size(x),
-                           source=fs.ensure_source(x) if self.trace_source else None,
-                           num_prefix=self.num_prefix, layer=layer)
-        if needs:
-            k = fs.taps["k"]
-            if "keys" in needs:
-                state.keys = k.mean(dim=1)
-            if "keys_per_head" in needs:
-                state.extras["keys_per_head"] = k
-            if "attn" in needs:
-                state.attn = self._attention_probs(fs.taps["q"], k, blk.attn.scale, bias)
-                if "cls_attn" in needs:
-                    state.cls_attn = state.attn[:, :, 0].mean(dim=1)
-            elif "cls_attn" in needs:
-                q_cls = fs.taps["q"][:, :, :1]
-                cls_bias = bias[..., :1, :] if bias is not None else None
-                state.cls_attn = self._attention_probs(q_cls, k, blk.attn.scale, cls_bias)[:, :, 0].mean(dim=1)
-        out = self.method.reduce(state)
-        if out is state:
-            return x
-        n = out.x.shape[1]
-        if out.size.shape[1] != n or (out.source is not None and out.source.shape[1] != n):
-            raise RuntimeError(f"{self.method.name} returned inconsistent token state at layer {layer}")
-        fs.size, fs.source = out.size, out.source
-        kept = out.extras.get("kept")
-        if kept is not None:
-            fs.kept[layer] = kept
-        return out.x
-
-    @staticmethod
-    def _attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float,
-                         bias: Optional[torch.Tensor]) -> torch.Tensor:
-        """Post-softmax attention ``[B, H, Nq, N]`` for the queries ``q [B, H, Nq, d]`` (O(Nq·N·d))."""
-        logits = (q * scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            logits = logits + bias
-        return logits.softmax(dim=-1)
+        fs, needs = self.fs, self._needs[layer]
+        analysis = host.analysis_inputs(fs.taps.get("q"), fs.taps["k"], needs, blk.attn.scale, bias) \
+            if needs & host.ANALYSIS else {}
+        state = host.token_state(fs, x, layer, self.num_prefix, self.trace_source, analysis)
+        return host.reduce_tokens(fs, self.method, state)
 
     def _pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
         model, fs = self.model, self.fs
@@ -330,22 +282,7 @@ class TimmViTAdapter(Adapter):
 
     # ----------------------------------------------------------------------------------------------------------
     def info(self) -> ReductionInfo:
-        fs = self.fs
-        if fs is None or not fs.blocks:
-            raise RuntimeError("no forward has run since the model was patched: call the model first")
-        batch, dtype, device = fs.extras["out"]
-        n_out = fs.blocks[-1][2]
-        size = fs.size if fs.size is not None else torch.ones(batch, n_out, dtype=dtype, device=device)
-        source = fs.source
-        if self.trace_source and source is None:
-            source = torch.eye(n_out, dtype=dtype, device=device).expand(batch, n_out, n_out)
-        return ReductionInfo(
-            size=size.detach(),
-            source=source.detach() if source is not None else None,
-            tokens_per_layer=[b[0] for b in fs.blocks],
-            flops=torch.tensor(self.flops(fs), dtype=torch.float64),  # 0-d: fixtures compare it as a tensor
-            kept=dict(fs.kept),
-        )
+        return host.reduction_info(self.fs, self.trace_source, self.flops(self.fs) if self.fs is not None else 0)
 
     def flops(self, fs: ForwardState) -> int:
         """Analytic MACs per image of the forward recorded in ``fs`` (convention in ``ops.flops``)."""
