@@ -490,7 +490,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "tokenreduce eval") -
                 f"  ({row.seconds:.1f}s)" + (f"  paper: {row.paper_top1:.2f}, here: {row.top1:.2f}"
                                             if row.paper_top1 else ""))
         else:
-            say(f"  {row.label}: {row.status}: {row.note}")
+            say(f"  {row.label}: {row.note if row.note.startswith(row.status) else row.status + ': ' + row.note}")
     add_differences(rows)
     wall = time.perf_counter() - started
     if rank == 0:
