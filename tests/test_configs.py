@@ -111,3 +111,16 @@ def test_eval_prints_paper_beside_measured(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert rc == 0
     assert "paper: 12.34, here:" in out and "paper: 56.78, here:" in out
+
+
+def test_data_folders_ship_in_the_wheel(tmp_path):
+    """configs/ and checkpoints/ are installed as tokenreduce._configs / tokenreduce._checkpoints."""
+    import configparser
+    from pathlib import Path
+    from tokenreduce.resources import data_dir
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    mapping = cfg["options"]["package_dir"]
+    assert "tokenreduce._configs = configs" in mapping and "tokenreduce._checkpoints = checkpoints" in mapping
+    assert (data_dir("configs") / "tome").is_dir()
+    assert (data_dir("checkpoints") / "fmnist_vit_reference.safetensors").is_file()

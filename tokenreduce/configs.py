@@ -29,8 +29,9 @@ from typing import Any, Dict, List, Optional, Union
 import yaml
 
 from .methods import get_method, list_methods, resolve_params
+from .resources import data_dir
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = data_dir("configs")
 
 _TOP_KEYS = {"name", "method", "params", "model", "model_kwargs", "checkpoint", "preprocessing", "paper", "notes"}
 _PREPROCESSING_KEYS = {"img_size", "crop_pct", "interpolation", "mean", "std", "crop_mode"}

@@ -15,10 +15,10 @@ from typing import Any, Dict, Optional, Union
 import torch.nn as nn
 
 from .data import FMNIST_MEAN, FMNIST_STD
+from .resources import data_dir
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 #: The committed checkpoint; ``TOKENREDUCE_REFERENCE`` points elsewhere (e.g. a fresh training run).
-REFERENCE_CHECKPOINT = REPO_ROOT / "checkpoints" / "fmnist_vit_reference.safetensors"
+REFERENCE_CHECKPOINT = data_dir("checkpoints") / "fmnist_vit_reference.safetensors"
 
 #: Architecture of the reference model (timm VisionTransformer keyword arguments).
 REFERENCE_ARCH: Dict[str, Any] = dict(

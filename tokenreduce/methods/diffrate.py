@@ -33,12 +33,12 @@ from ..ops.diffrate import (candidate_counts, keep_probability, kept_count, mask
                             similarity_merge, soft_keep_mask, softmax_with_policy, sort_by_importance)
 from ..state import TokenState
 from .base import Geometry, Param, ReductionMethod, Site
+from ..resources import data_dir
 from .registry import register_method
 
 KINDS = ("prune", "merge")
 #: Where the released rate tables live (override with TOKENREDUCE_DIFFRATE_CONFIGS).
-CONFIG_DIR = Path(os.environ.get("TOKENREDUCE_DIFFRATE_CONFIGS",
-                                 Path(__file__).resolve().parents[2] / "configs" / "diffrate"))
+CONFIG_DIR = Path(os.environ.get("TOKENREDUCE_DIFFRATE_CONFIGS", data_dir("configs") / "diffrate"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
