@@ -9,6 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels run in Triton's CPU interpreter. Triton reads this once, the first time
+    # anything (torch.compile included) touches it, so it must be set before any test runs, not in tests/kernels.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TOKENREDUCE_SHARED", REPO.parent / "shared"))
 FIXTURES = SHARED / "fixtures"
