@@ -42,7 +42,7 @@ def parse_args(argv: List[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="folder with the Fashion-MNIST IDX files (default: Debian's)")
     p.add_argument("--out", default=str(REFERENCE_CHECKPOINT), help="final safetensors path (recipe beside it)")
     p.add_argument("--work-dir", default="runs/fmnist_reference", help="resumable state and per-epoch log")
-    p.add_argument("--epochs", type=int, default=14, help="total epochs")
+    p.add_argument("--epochs", type=int, default=20, help="total epochs")
     p.add_argument("--low-res-epochs", type=int, default=8, help="leading epochs at --low-res-size")
     p.add_argument("--low-res-size", type=int, default=14, help="image side during the low-resolution phase")
     p.add_argument("--batch-size", type=int, default=128)
