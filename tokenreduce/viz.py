@@ -624,17 +624,6 @@ def visualize(model: nn.Module, image: Any, method: Optional[str] = None, *, con
 # ---------------------------------------------------------------------------------------------------------------
 # Command: tokenreduce visualize
 # ---------------------------------------------------------------------------------------------------------------
-def _parse_params(items: Sequence[str]) -> Dict[str, Any]:
-    import yaml
-    params: Dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise SystemExit(f"error: --param expects KEY=VALUE, got {item!r}")
-        params[key.strip()] = yaml.safe_load(value)
-    return params
-
-
 def _load_state_dict(path: str) -> Dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
@@ -706,7 +695,8 @@ Without --pretrained or --checkpoint the weights are random: merges then follow 
 def visualize_main(argv: Optional[Sequence[str]] = None, prog: str = "tokenreduce visualize") -> int:
     """``tokenreduce visualize IMAGE --model ... --method ... [--param k=v] [--checkpoint PATH] --out OUT.png``."""
     args = visualize_parser(prog).parse_args(argv)
-    params = _parse_params(args.param)
+    from .eval_cli import parse_params  # the CLI's one KEY=VALUE parser
+    params = parse_params(args.param)
     if args.method is None and args.config is None:
         print("error: name a method (--method) or a config (--config)", file=sys.stderr)
         return 2
