@@ -1,18 +1,27 @@
-"""The public surface: patch / unpatch / info / list_methods."""
+"""The public surface: patch / unpatch / info / list_methods / method_params / build_method.
+
+``patch`` validates everything before it touches the model — the model family, the method name, every parameter,
+the site and every need the configured method declares against what the model's adapter provides, and what the
+adapter itself must refuse — then installs the method through the adapter's Patcher, so ``unpatch`` restores
+exactly what was there.
+"""
 from __future__ import annotations
 
-from typing import Any, Optional
+import warnings
+from typing import Any, Dict, List, Optional
 
 import torch.nn as nn
 
-from .backbones import find_adapter
-from .backbones.base import Adapter
-from .methods import COMMON_PARAMS, get_method, list_methods, resolve_params
-from .state import ReductionInfo
+from . import backbones  # noqa: F401  (registers the built-in adapters)
+from . import methods  # noqa: F401  (registers the built-in methods)
+from .backbones.base import Adapter, families_offering, find_adapter
+from .core import (COMMON_PARAMS, Geometry, ReductionInfo, ReductionMethod, all_needs, get_method,
+                   list_methods, method_params, resolve_params)
+from .core.requirements import need_names
 
 _ATTR = "_tokenreduce"
 
-__all__ = ["info", "is_patched", "list_methods", "patch", "unpatch"]
+__all__ = ["build_method", "get_method", "info", "is_patched", "list_methods", "method_params", "patch", "unpatch"]
 
 
 def patch(model: nn.Module, method: Optional[str] = None, *, config: Optional[str] = None,
@@ -20,49 +29,73 @@ def patch(model: nn.Module, method: Optional[str] = None, *, config: Optional[st
     """Make ``model`` reduce tokens with ``method``, in place; returns the model.
 
     Everything is validated before the model is touched: the model family (ValueError naming the supported
-    ones), the method name (ValueError listing the registered methods), each parameter (TypeError for an
-    unknown name, ValueError for a bad value), and that the model's adapter provides what the method needs.
-    Patching a model that is already patched first restores it, then applies the new method.
+    ones; wrappers such as ``torch.compile`` or DDP get an error that says how to patch them), the method name
+    (ValueError listing the registered methods), each parameter (TypeError for an unknown name, ValueError for a
+    bad value; the papers' names are accepted as aliases, see ``tokenreduce.method_params``), and that the model's
+    adapter offers the method's site and provides everything it reads. Patching a model that is already patched
+    first restores it, then applies the new method. A configuration that reduces nothing warns.
 
     Args:
-        model: a supported model, e.g. a timm ``VisionTransformer``.
+        model: a supported model, e.g. a timm ``VisionTransformer`` or a Hugging Face ``LlavaForConditionalGeneration``.
         method: a registered method name (``tokenreduce.list_methods()``).
+        config: a YAML config (path, or name under ``configs/``, see ``tokenreduce.configs``) giving the method
+            and its parameters; keyword ``params`` override the config's. A config written for another model
+            architecture is refused.
         **params: the method's parameters (``tokenreduce.method_params(method)``) and the common options
             ``trace_source`` and ``size_weighted_pool``.
-        config: a YAML config (path, or name under ``configs/``, see ``tokenreduce.configs``) giving the method
-            and its parameters; keyword ``params`` override the config's.
     """
     if config is not None:
-        from .configs import load_config  # lazy: configs imports yaml, which plain patching does not need
+        from .configs import check_config_model, load_config  # lazy: yaml is not needed for plain patching
         cfg = load_config(config)
         if method is not None and method != cfg.method:
             raise ValueError(f"method {method!r} contradicts config {config!r}, which is for {cfg.method!r}")
+        check_config_model(cfg, model)
         method, params = cfg.method, {**cfg.params, **params}
     if method is None:
         raise TypeError("patch() needs a method name or config=")
     adapter_cls = find_adapter(model)
     method_cls = get_method(method)
     resolved = resolve_params(method, params)
-    if method_cls.site not in adapter_cls.sites:
-        raise ValueError(f"{method} acts at '{method_cls.site.value}', which {type(model).__name__} does not "
-                         f"offer (it offers: {', '.join(sorted(s.value for s in adapter_cls.sites))})")
-    missing = set(method_cls.needs) - set(adapter_cls.provides)
-    if missing:
-        raise ValueError(f"{method} needs {sorted(missing)}, which the adapter for {type(model).__name__} "
-                         "cannot provide")
+    site = method_cls.site
+    if site not in adapter_cls.provides:
+        raise ValueError(f"{method} acts at '{site.value}', which {type(model).__name__} does not offer (it offers: "
+                         f"{', '.join(sorted(s.value for s in adapter_cls.provides))}); models that offer "
+                         f"'{site.value}': {families_offering(site)}")
     adapter = adapter_cls(model)
-    method_kwargs = {k: v for k, v in resolved.items() if k not in COMMON_PARAMS}
-    instance = method_cls(adapter.geometry(), **method_kwargs)  # may raise for an impossible schedule
-    options = {k: resolved[k] for k in COMMON_PARAMS}
+    instance = build_method(method, adapter.geometry(site), **resolved)
+    offered = adapter_cls.provides[site]
+    missing = all_needs(instance, instance.geometry.num_blocks) - need_names(offered)
+    if missing:
+        raise ValueError(f"{method} (as configured) reads {sorted(missing)}, which the adapter for "
+                         f"{type(model).__name__} cannot provide at '{site.value}' (it provides: "
+                         f"{', '.join(sorted(need_names(offered)))})")
+    adapter.check_method(instance)
+    if not any(instance.acts_at(layer) for layer in range(instance.geometry.num_blocks)):
+        given = {k: v for k, v in params.items() if k not in COMMON_PARAMS}
+        warnings.warn(f"{method} with {given or 'its defaults'} reduces nothing in this "
+                      f"{instance.geometry.num_blocks}-block model: the patched model computes exactly what the "
+                      f"unpatched one does. See tokenreduce.method_params({method!r}) for what to set.", stacklevel=2)
     if is_patched(model):
         unpatch(model)
-    adapter.install(instance, options)
+    options = {k: resolved[k] for k in COMMON_PARAMS}
+    try:
+        adapter.install(instance, options)
+    except BaseException:
+        adapter.uninstall()
+        raise
     object.__setattr__(model, _ATTR, adapter)
     return model
 
 
+def build_method(name: str, geometry: Geometry, **params: Any) -> ReductionMethod:
+    """A configured method for a model of ``geometry``, outside any adapter (for integrations that run the method
+    themselves, such as the vLLM plugin). ``params`` are validated as by ``patch``; common options are ignored."""
+    resolved = resolve_params(name, params)
+    return get_method(name)(geometry, **{k: v for k, v in resolved.items() if k not in COMMON_PARAMS})
+
+
 def unpatch(model: nn.Module) -> nn.Module:
-    """Restore the original modules; afterwards the model computes exactly what it did before ``patch``."""
+    """Restore everything ``patch`` changed; afterwards the model computes exactly what it did before."""
     adapter = _adapter_of(model)
     adapter.uninstall()
     del model.__dict__[_ATTR]
@@ -75,11 +108,23 @@ def is_patched(model: nn.Module) -> bool:
 
 
 def info(model: nn.Module) -> ReductionInfo:
-    """What the last forward of a patched model did: sizes, sources, tokens per layer, analytic FLOPs."""
+    """What the last forward of a patched model did: sizes, sources, tokens per layer, analytic MACs, kept tokens."""
     return _adapter_of(model).info()
+
+
+def method_of(model: nn.Module) -> ReductionMethod:
+    """The configured method a model is patched with."""
+    return _adapter_of(model).method
+
+
+def describe_params(name: str) -> List[Dict[str, Any]]:
+    """``[{name, aliases, default, doc}]`` of every parameter ``patch(model, name, ...)`` accepts."""
+    return [{"name": key, "aliases": list(p.aliases), "default": p.default, "doc": p.doc}
+            for key, p in method_params(name).items()]
 
 
 def _adapter_of(model: nn.Module) -> Adapter:
     if not is_patched(model):
         raise ValueError(f"this {type(model).__name__} is not patched by tokenreduce; call tokenreduce.patch first")
     return model.__dict__[_ATTR]
+

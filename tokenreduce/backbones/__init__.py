@@ -1,7 +1,6 @@
-"""Adapters, one file per model family; importing this package registers them."""
-from .base import Adapter, find_adapter, register_adapter
+"""Adapters, one module per model family (a package per VLM family); importing this package registers them."""
+from .base import Adapter, find_adapter
 from . import timm_vit  # noqa: F401,E402  (registers the timm VisionTransformer adapter)
 from . import hf_clip  # noqa: F401,E402  (registers the HF CLIP vision adapter)
-from . import llava  # noqa: F401,E402  (registers the HF LLaVA adapter)
 
-__all__ = ["Adapter", "find_adapter", "register_adapter"]
+__all__ = ["Adapter", "find_adapter"]

@@ -1,60 +1,98 @@
-"""Adapter for Hugging Face CLIP vision towers (transformers >= 5): ``CLIPVisionModel`` and
-``CLIPVisionModelWithProjection``, and the host that LLaVA's adapter reuses for its vision tower.
+"""Hugging Face CLIP-style vision towers (transformers >= 5): the layer family that LLaVA's adapters reuse, and the
+adapter for ``CLIPVisionModel`` / ``CLIPVisionModelWithProjection`` as models of their own.
 
 How it hooks in, per instance and reversibly (nothing enters the ``state_dict``, no class is rebound):
 
-- A forward pre-hook on ``encoder`` starts a fresh :class:`ForwardState` for every encoder pass.
-- Every ``CLIPEncoderLayer`` gets an instance ``forward`` that runs the layer's own submodules (``layer_norm1``,
-  ``self_attn``, ``layer_norm2``, ``mlp``) in HF's order and places the reduction site between the attention
-  residual and the MLP (or after the layer). ``CLIPAttention`` itself runs untouched with whatever attention
-  implementation the config selects: proportional attention is the additive float mask ``log(size)`` handed to it
-  as ``attention_mask``, which SDPA (and eager) add to the logits, so fused attention stays on.
-- Keys (and queries, when a method needs the CLS attention row or the attention matrix) are read with forward hooks
-  on ``self_attn.k_proj`` / ``q_proj``: exactly the tensors the attention used, at no extra projection cost. The CLS
-  row is one extra ``q_cls·Kᵀ`` (O(N·d)); eager attention is never switched on. Hooks exist only where the method acts.
+- A forward pre-hook on ``encoder`` starts a fresh :class:`~tokenreduce.core.ForwardRecord` for every encoder pass.
+- Every encoder layer runs through the shared :class:`~tokenreduce.backbones.layer_host.LayerHost` with the
+  layer's own submodules (``layer_norm1``, ``self_attn``, ``layer_norm2``, ``mlp``) in HF's order. ``self_attn``
+  runs untouched with whatever attention implementation the config selects: proportional attention is the additive
+  float mask ``log(size)`` handed to it as ``attention_mask``, which SDPA (and eager) add to the logits.
+- Queries / keys / values are read with forward hooks on ``self_attn.q_proj`` / ``k_proj`` / ``v_proj``: exactly
+  what the attention used, at no extra projection cost. The CLS row is one extra ``q_cls·Kᵀ`` (O(N·d)); eager
+  attention is never switched on.
+
+The same family serves SigLIP's encoder layers (same structure, no CLS token).
 """
 from __future__ import annotations
 
-import functools
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, FrozenSet, Optional
 
 import torch
 import torch.nn as nn
 
-from ..methods.base import Geometry, ReductionMethod, Site
-from ..state import ForwardState, ReductionInfo
-from . import host
-from .base import Adapter, register_adapter
+from ..core import CostModel, Geometry, Need, ReductionInfo, ReductionMethod, Site, Status
+from ..core.registry import register_adapter
+from ..core.requirements import VISION_BLOCK_NEEDS
+from .base import Adapter
+from .layer_host import LayerFamily, LayerHost
+from .macs import conv_patch_macs
 
-try:  # transformers is an optional dependency (the ``llava`` extra)
+try:  # transformers is an optional dependency (the ``vlm`` extra)
     from transformers.models.clip.modeling_clip import (CLIPAttention, CLIPEncoderLayer, CLIPVisionModel,
                                                         CLIPVisionModelWithProjection)
 except ImportError:  # pragma: no cover
     CLIPAttention = CLIPEncoderLayer = CLIPVisionModel = CLIPVisionModelWithProjection = None  # type: ignore
 
-ANALYSIS = host.ANALYSIS
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# Pure helpers
-# ---------------------------------------------------------------------------------------------------------------
 def split_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
     """``[B, N, H·d]`` projection output -> ``[B, H, N, d]``."""
     b, n, c = t.shape
     return t.view(b, n, num_heads, c // num_heads).transpose(1, 2)
 
 
-def analysis_inputs(taps: Dict[str, torch.Tensor], needs: frozenset, num_heads: int, scale: float,
-                    bias: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """``host.analysis_inputs`` from the ``q_proj`` / ``k_proj`` outputs ``[B, N, C]`` of one attention layer."""
-    if not needs & ANALYSIS:
-        return {}
-    q = split_heads(taps["q"], num_heads) if "q" in taps else None
-    return host.analysis_inputs(q, split_heads(taps["k"], num_heads), needs, scale, bias)
+class HFEncoderFamily(LayerFamily):
+    """HF pre-norm encoder layers with ``self_attn.{q,k,v}_proj`` (CLIP, SigLIP)."""
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn
+
+    def norm1(self, layer: nn.Module) -> nn.Module:
+        return layer.layer_norm1
+
+    def norm2(self, layer: nn.Module) -> nn.Module:
+        return layer.layer_norm2
+
+    def mlp(self, layer: nn.Module) -> nn.Module:
+        return layer.mlp
+
+    def attend(self, layer, h, mask, kwargs):
+        return layer.self_attn(hidden_states=h, attention_mask=mask, **kwargs)[0]
+
+    def tap_modules(self, layer: nn.Module, names: FrozenSet[str]) -> Dict[str, nn.Module]:
+        attn = layer.self_attn
+        modules = {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj}
+        return {n: modules[n] for n in names}
+
+    def to_heads(self, layer: nn.Module, name: str, output: torch.Tensor) -> torch.Tensor:
+        return split_heads(output, self.num_heads(layer))
+
+    def num_heads(self, layer: nn.Module) -> int:
+        return int(layer.self_attn.num_heads)
+
+    def scale(self, layer: nn.Module) -> float:
+        return float(layer.self_attn.scale)
 
 
-def _linear_macs(module: nn.Module) -> int:
-    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+def check_encoder_layers(layers, kinds, attn_kinds, what: str) -> None:
+    """ValueError unless every layer is one of ``kinds`` with attention one of ``attn_kinds`` (unmodified)."""
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, kinds) or not isinstance(layer.self_attn, attn_kinds):
+            raise ValueError(f"encoder.layers[{i}] is a {type(layer).__name__}; tokenreduce's {what} host needs "
+                             f"transformers' {kinds[0].__name__} with {attn_kinds[0].__name__}")
+
+
+def check_clip_layers(vision_model: nn.Module) -> None:
+    check_encoder_layers(vision_model.encoder.layers, (CLIPEncoderLayer,), (CLIPAttention,), "CLIP")
+
+
+def check_additive_mask(vision_model: nn.Module, method: ReductionMethod) -> None:
+    """Proportional attention needs an attention implementation that takes an additive float mask."""
+    impl = getattr(vision_model.config, "_attn_implementation", "sdpa") or "sdpa"
+    if method.prop_attn and impl not in ("sdpa", "eager"):
+        raise ValueError(f"proportional attention needs an additive attention mask, which the vision tower's "
+                         f"'{impl}' attention does not take; load the model with attn_implementation='sdpa' or pass "
+                         "prop_attn=False")
 
 
 def clip_vision_model(model: nn.Module) -> Optional[nn.Module]:
@@ -68,143 +106,39 @@ def clip_vision_model(model: nn.Module) -> Optional[nn.Module]:
     return None
 
 
-def check_clip_layers(vision_model: nn.Module) -> None:
-    """ValueError unless every encoder layer is HF's ``CLIPEncoderLayer`` with ``CLIPAttention`` (unmodified)."""
-    for i, layer in enumerate(vision_model.encoder.layers):
-        if not isinstance(layer, CLIPEncoderLayer) or not isinstance(layer.self_attn, CLIPAttention):
-            raise ValueError(f"encoder.layers[{i}] is a {type(layer).__name__}; tokenreduce's CLIP host needs "
-                             "transformers' CLIPEncoderLayer with CLIPAttention")
+def tower_cost(vision_model: nn.Module, host: LayerHost) -> CostModel:
+    """The MAC model of a CLIP / SigLIP tower: patch embedding plus the host layers."""
+    per_patch = conv_patch_macs(vision_model.embeddings.patch_embedding)
+    return host.cost(int(vision_model.embeddings.num_patches) * per_patch, per_patch)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The host: a CLIP vision tower that runs a method inside its encoder layers
-# ---------------------------------------------------------------------------------------------------------------
-class ClipTowerHost:
-    """Runs a ``BLOCK_MID`` / ``BLOCK_OUT`` method inside a ``CLIPVisionModel``'s encoder layers.
+class EncoderBegin:
+    """Forward pre-hook on a vision encoder: a fresh record for every pass (picklable)."""
 
-    Args:
-        vision_model: the ``CLIPVisionModel``.
-        num_blocks: layers the method may act in (the first ``num_blocks``; LLaVA passes the layers that feed its
-            features, so a schedule is spread over those). Defaults to all layers.
-    """
+    def __init__(self, adapter: Adapter) -> None:
+        self.adapter = adapter
 
-    def __init__(self, vision_model: nn.Module, num_blocks: Optional[int] = None) -> None:
-        self.vm = vision_model
-        self.layers = list(vision_model.encoder.layers)
-        self.num_blocks = len(self.layers) if num_blocks is None else int(num_blocks)
-        cfg = vision_model.config
-        self.num_heads = int(cfg.num_attention_heads)
-        self.dim = int(cfg.hidden_size)
-        self.fs: Optional[ForwardState] = None
-        self.method: Optional[ReductionMethod] = None
-        self._hooks: List[Any] = []
-        self._attn_macs_per_token = [_linear_macs(l.self_attn) for l in self.layers]
-        self._mlp_macs_per_token = [_linear_macs(l.mlp) for l in self.layers]
-        emb = vision_model.embeddings
-        conv = emb.patch_embedding
-        self._embed_macs_per_patch = conv.out_channels * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
-
-    def geometry(self) -> Geometry:
-        return Geometry(num_blocks=self.num_blocks, num_prefix=1, num_patches=int(self.vm.embeddings.num_patches),
-                        dim=self.dim, num_heads=self.num_heads, has_class_token=True)
-
-    # ----------------------------------------------------------------------------------------------------------
-    def install(self, method: ReductionMethod, options: Dict[str, Any]) -> None:
-        attn_impl = getattr(self.vm.config, "_attn_implementation", "sdpa") or "sdpa"
-        if method.prop_attn and attn_impl not in ("sdpa", "eager"):
-            raise ValueError(f"proportional attention needs an additive attention mask, which the CLIP tower's "
-                             f"'{attn_impl}' attention does not take; load the model with attn_implementation='sdpa' "
-                             "or pass prop_attn=False")
-        self.method = method
-        self.trace_source = bool(options.get("trace_source", False))
-        n = len(self.layers)
-        self._acts = [i < self.num_blocks and method.acts_at(i) for i in range(n)]
-        self._needs = [method.needs_at(i) if self._acts[i] else frozenset() for i in range(n)]
-        self._site_mid = method.site == Site.BLOCK_MID
-        self._hooks.append(self.vm.encoder.register_forward_pre_hook(self._begin_hook))
-        for i, layer in enumerate(self.layers):
-            layer.forward = functools.partial(self._layer_forward, layer, i)
-            needs = self._needs[i]
-            if needs & ANALYSIS:
-                self._hooks.append(layer.self_attn.k_proj.register_forward_hook(self._tap("k")))
-            if needs & {"cls_attn", "attn"}:
-                self._hooks.append(layer.self_attn.q_proj.register_forward_hook(self._tap("q")))
-
-    def uninstall(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-        for layer in self.layers:
-            layer.__dict__.pop("forward", None)
-        self.fs = None
-
-    # ----------------------------------------------------------------------------------------------------------
-    def begin(self) -> ForwardState:
-        self.fs = ForwardState()
-        return self.fs
-
-    def _begin_hook(self, module, args):
-        self.begin()
-
-    def _tap(self, name: str):
-        def hook(module, inputs, output):
-            if self.fs is not None:
-                self.fs.taps[name] = output
-        return hook
-
-    def _layer_forward(self, layer: nn.Module, i: int, hidden_states: torch.Tensor,
-                       attention_mask: Optional[torch.Tensor] = None, **kwargs: Any) -> torch.Tensor:
-        # The minimal re-composition of CLIPEncoderLayer.forward that places the reduction site.
-        fs = self.fs if self.fs is not None else self.begin()
-        n_in = hidden_states.shape[1]
-        bias = host.attention_bias(self.method, fs.size, attention_mask, n_in)
-        if bias is not None:
-            bias = bias.to(hidden_states.dtype)
-        attn_out, _ = layer.self_attn(hidden_states=layer.layer_norm1(hidden_states), attention_mask=bias, **kwargs)
-        x = hidden_states + attn_out
-        acts = self._acts[i]
-        if acts and self._site_mid:
-            x = self._reduce(x, i, layer, bias)
-        n_mid = x.shape[1]
-        x = x + layer.mlp(layer.layer_norm2(x))
-        if acts and not self._site_mid:
-            x = self._reduce(x, i, layer, bias)
-        fs.blocks.append((n_in, n_mid, x.shape[1]))
-        fs.extras["out"] = (x.shape[0], x.dtype, x.device)
-        fs.taps.clear()
-        return x
-
-    def _reduce(self, x: torch.Tensor, i: int, layer: nn.Module, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        fs = self.fs
-        analysis = analysis_inputs(fs.taps, self._needs[i], self.num_heads, layer.self_attn.scale, bias)
-        state = host.token_state(fs, x, i, 1, self.trace_source, analysis)
-        return host.reduce_tokens(fs, self.method, state)
-
-    # ----------------------------------------------------------------------------------------------------------
-    def info(self) -> ReductionInfo:
-        fs = self.fs
-        return host.reduction_info(fs, self.trace_source, self.flops(fs.blocks) if fs is not None else 0)
-
-    def flops(self, blocks: Sequence[tuple]) -> int:
-        """Analytic MACs per image: patch embedding plus every layer run (convention in ``ops.flops``)."""
-        n0 = blocks[0][0] - 1 if blocks else int(self.vm.embeddings.num_patches)
-        total = n0 * self._embed_macs_per_patch
-        for i, blk in enumerate(blocks):
-            n_attn, n_mlp = blk[0], blk[1]
-            total += n_attn * self._attn_macs_per_token[i] + 2 * n_attn * n_attn * self.dim
-            total += n_mlp * self._mlp_macs_per_token[i]
-        return int(total)
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        self.adapter.begin_forward()
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The adapter for stand-alone CLIP vision models
+class EncoderDone:
+    """Forward hook on a vision encoder: the pass completed."""
+
+    def __init__(self, adapter: Adapter) -> None:
+        self.adapter = adapter
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.adapter.record is not None:
+            self.adapter.record.status = Status.DONE
+
+
 # ---------------------------------------------------------------------------------------------------------------
 @register_adapter
 class HFClipVisionAdapter(Adapter):
     name = ("transformers CLIPVisionModel / CLIPVisionModelWithProjection (transformers >= 5, CLIPEncoderLayer "
             "with CLIPAttention; sdpa or eager attention)")
-    provides = frozenset({"keys", "keys_per_head", "cls_attn", "attn"})
-    sites = frozenset({Site.BLOCK_MID, Site.BLOCK_OUT})
+    provides = {site: VISION_BLOCK_NEEDS | {Need.VALID} for site in (Site.BLOCK_MID, Site.BLOCK_OUT)}
 
     @classmethod
     def claims(cls, model: nn.Module) -> bool:
@@ -216,16 +150,28 @@ class HFClipVisionAdapter(Adapter):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        self.host = ClipTowerHost(clip_vision_model(model))
+        self.vision = clip_vision_model(model)
+        self.host = LayerHost(self, HFEncoderFamily(), self.vision.encoder.layers, num_prefix=1)
 
-    def geometry(self) -> Geometry:
-        return self.host.geometry()
+    def geometry(self, site: Site) -> Geometry:
+        cfg = self.vision.config
+        n = int(self.vision.embeddings.num_patches)
+        side = int(round(n ** 0.5))
+        return Geometry(num_blocks=len(self.host.layers), num_prefix=1, num_patches=n, dim=int(cfg.hidden_size),
+                        num_heads=int(cfg.num_attention_heads), has_class_token=True,
+                        grid=(side, side) if side * side == n else None, cost=tower_cost(self.vision, self.host))
+
+    def check_method(self, method: ReductionMethod) -> None:
+        check_additive_mask(self.vision, method)
 
     def install(self, method: ReductionMethod, options: Dict[str, Any]) -> None:
-        self.host.install(method, options)
-
-    def uninstall(self) -> None:
-        self.host.uninstall()
+        self.method, self.options = method, dict(options)
+        encoder = self.vision.encoder
+        self.patcher.hook(encoder.register_forward_pre_hook(EncoderBegin(self)))
+        self.patcher.hook(encoder.register_forward_hook(EncoderDone(self)))
+        self.host.install(self.patcher, method, bool(options.get("trace_source", False)))
 
     def info(self) -> ReductionInfo:
-        return self.host.info()
+        rec = self.finished_record()
+        return self.vision_info(tower_cost(self.vision, self.host).macs([(l.tokens_in, l.tokens_mid)
+                                                                         for l in rec.layers]))

@@ -1,121 +1,178 @@
 """Adapter for timm's ``VisionTransformer`` family (ViT, DeiT, distilled DeiT, registers, avg-pool, MAE-style).
 
-How it hooks in, per instance and reversibly:
+How it hooks in, per instance and reversibly (every change goes through the adapter's Patcher):
 
-- ``forward_features`` / ``forward_intermediates`` get a thin wrapper that starts a fresh :class:`ForwardState`
-  and then runs timm's own method unchanged.
-- Every ``Block`` gets an instance ``forward`` that runs the block's own submodules (norm1, attn, ls1, drop path,
-  norm2, mlp, ls2) in timm's order and puts the reduction site between the attention residual and the MLP (or
-  after the block). timm's ``Attention`` runs untouched: proportional attention is the additive float mask
-  ``log(size)`` it passes to ``F.scaled_dot_product_attention``, so fused attention stays on.
-- Keys (and queries, when a method needs the CLS attention row or the attention matrix) are read with forward
-  hooks on ``attn.k_norm`` / ``attn.q_norm``, i.e. exactly the tensors SDPA used, at no extra projection cost.
-  Hooks are installed only in layers where the method acts.
+- ``forward_features`` / ``forward_intermediates`` get a thin wrapper that starts a fresh
+  :class:`~tokenreduce.core.ForwardRecord` and then runs timm's own method unchanged.
+- Every ``Block`` runs through the shared :class:`~tokenreduce.backbones.layer_host.LayerHost`: the block's own
+  submodules (norm1, attn, ls1, drop path, norm2, mlp, ls2) in timm's order with the reduction site inside.
+  timm's ``Attention`` runs untouched: proportional attention is the additive float mask ``log(size)`` it passes to
+  ``F.scaled_dot_product_attention``, so fused attention stays on.
+- Queries and keys are read with forward hooks on ``attn.q_norm`` / ``attn.k_norm`` (values from ``attn.qkv``),
+  i.e. exactly the tensors SDPA used, at no extra projection cost, and only in layers where the method acts.
 - ``pool`` is wrapped so an average-pooled head weights tokens by size.
 
 Nothing is copied into the model's ``state_dict`` and no class is rebound.
 """
 from __future__ import annotations
 
-import functools
 import inspect
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, FrozenSet, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
-from ..methods.base import Geometry, ReductionMethod, Site
-from ..state import ForwardState, ReductionInfo
-from . import host
-from .base import Adapter, register_adapter
+from ..core import CostModel, Geometry, Need, ReductionInfo, ReductionMethod, Site, Status
+from ..core.registry import register_adapter
+from ..core.requirements import VISION_BLOCK_NEEDS
+from .base import Adapter
+from .layer_host import LayerFamily, LayerHost
+from .macs import conv_patch_macs, linear_macs
+from .patcher import Original
 
-try:  # timm is a hard dependency of the package, but keep import errors readable
+try:  # timm is a hard dependency of the package; keep the error readable on a version without these
     from timm.layers import Attention as TimmAttention
     from timm.models.vision_transformer import Block as TimmBlock
     from timm.models.vision_transformer import VisionTransformer
-except ImportError:  # pragma: no cover
+    TIMM_ERROR: Optional[str] = None
+except ImportError as error:  # pragma: no cover - depends on the installed timm
     VisionTransformer = TimmBlock = TimmAttention = None  # type: ignore
+    TIMM_ERROR = str(error)
 
 _ENTRY_POINTS = ("forward_features", "forward_intermediates")
 
 
-class _AttentionProbs(TorchFunctionMode):
-    """Inside one call of timm's ``Attention.forward``, compute the attention probabilities with a method's
-    function instead of softmax: SDPA is evaluated eagerly as ``probs_fn(scale·q·kᵀ + mask) @ v`` (dropout kept),
-    and the eager path's softmax is replaced. Used only when a method asks (``attention_probs``), i.e. for
-    DiffRate's rate search; inference keeps the fused kernel."""
+class TimmBlockFamily(LayerFamily):
+    """timm ``Block`` with ``timm.layers.Attention``."""
 
-    def __init__(self, probs_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        super().__init__()
-        self.probs_fn = probs_fn
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return layer.attn
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            return self._sdpa(*args, **kwargs)
-        if func in _SOFTMAX and kwargs.get("dim", args[1] if len(args) > 1 else None) in (-1, args[0].dim() - 1):
-            return self.probs_fn(args[0])
-        return func(*args, **kwargs)
+    def norm1(self, layer: nn.Module) -> nn.Module:
+        return layer.norm1
 
-    def _sdpa(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **unused):
-        logits = (q * (q.shape[-1] ** -0.5 if scale is None else scale)) @ k.transpose(-2, -1)
-        if is_causal:
-            n, m = logits.shape[-2:]
-            attn_mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril()
-        if attn_mask is not None:
-            logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
-                else logits + attn_mask
-        probs = self.probs_fn(logits)
-        if dropout_p > 0:
-            probs = F.dropout(probs, dropout_p)
-        return probs @ v
+    def norm2(self, layer: nn.Module) -> nn.Module:
+        return layer.norm2
+
+    def mlp(self, layer: nn.Module) -> nn.Module:
+        return layer.mlp
+
+    def attend(self, layer, h, mask, kwargs):
+        return layer.attn(h, attn_mask=mask, **kwargs)
+
+    def residual_attn(self, layer, h):
+        return layer.drop_path1(layer.ls1(h))
+
+    def residual_mlp(self, layer, h):
+        return layer.drop_path2(layer.ls2(h))
+
+    def tap_modules(self, layer: nn.Module, names: FrozenSet[str]) -> Dict[str, nn.Module]:
+        modules = {"q": layer.attn.q_norm, "k": layer.attn.k_norm, "v": layer.attn.qkv}
+        return {n: modules[n] for n in names}
+
+    def to_heads(self, layer: nn.Module, name: str, output: torch.Tensor) -> torch.Tensor:
+        if name != "v":
+            return output  # q_norm / k_norm see [B, H, N, d]
+        attn = layer.attn
+        b, n, _ = output.shape
+        return output.reshape(b, n, 3, attn.num_heads, attn.head_dim)[:, :, 2].transpose(1, 2)
+
+    def num_heads(self, layer: nn.Module) -> int:
+        return int(layer.attn.num_heads)
+
+    def scale(self, layer: nn.Module) -> float:
+        return float(layer.attn.scale)
 
 
-_SOFTMAX = (torch.Tensor.softmax, torch.softmax, F.softmax)
+class EntryPoint:
+    """``forward_features`` / ``forward_intermediates`` of a patched model: a fresh record, then timm's own."""
+
+    def __init__(self, adapter: "TimmViTAdapter", original: Original, check_fmt: bool) -> None:
+        self.adapter, self.original, self.check_fmt = adapter, original, check_fmt
+
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        adapter = self.adapter
+        if self.check_fmt:
+            bound = inspect.signature(self.original.function).bind(
+                *(() if self.original.bound else (adapter.model,)), x, *args, **kwargs)
+            bound.apply_defaults()
+            if bound.arguments.get("output_fmt") == "NCHW" and any(adapter.host.acts):
+                raise ValueError("a model patched with a token-reducing method has no spatial grid after the first "
+                                 "reduction: call forward_intermediates(..., output_fmt='NLC')")
+        rec = adapter.begin_forward(input_hw=tuple(x.shape[-2:]) if torch.is_tensor(x) and x.dim() == 4 else None)
+        try:
+            out = self.original(x, *args, **kwargs)
+        except BaseException as error:
+            rec.fail(error)
+            raise
+        rec.status = Status.DONE
+        return out
 
 
-def _linear_macs_per_token(module: nn.Module) -> int:
-    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+class SizeWeightedPool:
+    """``pool`` of a patched model: an average-pooled head weights tokens by size (padding has size 0)."""
+
+    def __init__(self, adapter: "TimmViTAdapter", original: Original) -> None:
+        self.adapter, self.original = adapter, original
+
+    def __call__(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
+        adapter = self.adapter
+        model, rec = adapter.model, adapter.record
+        pool_type = model.global_pool if pool_type is None else pool_type
+        size = rec.size if rec is not None else None
+        if (not adapter.options.get("size_weighted_pool", True) or size is None
+                or getattr(model, "attn_pool", None) is not None or pool_type not in ("avg", "avgmax")
+                or size.shape[1] != x.shape[1]):
+            return self.original(x, pool_type=pool_type)
+        start = 0 if getattr(model, "pool_include_prefix", False) else int(model.num_prefix_tokens)
+        tokens, weight = x[:, start:], size[:, start:, None].to(x.dtype)
+        mean = (tokens * weight).sum(dim=1) / weight.sum(dim=1)
+        if pool_type == "avg":
+            return mean
+        valid = rec.valid[:, start:, None] if rec.valid is not None else None
+        peak = (tokens.masked_fill(~valid, float("-inf")) if valid is not None else tokens).amax(dim=1)
+        return 0.5 * (peak + mean)
 
 
 def _head_macs(model: nn.Module) -> int:
-    total = 0
-    for name in ("head", "head_dist"):
-        head = getattr(model, name, None)
-        if isinstance(head, nn.Linear):
-            total += head.in_features * head.out_features
-    return total
+    return sum(getattr(model, n).in_features * getattr(model, n).out_features for n in ("head", "head_dist")
+               if isinstance(getattr(model, n, None), nn.Linear))
 
 
-def _embed_macs(model: nn.Module, img_hw) -> int:
+def _patch_macs(model: nn.Module) -> int:
+    """Patch-embedding MACs per patch."""
+    proj = getattr(model.patch_embed, "proj", None)
+    return conv_patch_macs(proj) if isinstance(proj, nn.Conv2d) else linear_macs(model.patch_embed)
+
+
+def _num_patches(model: nn.Module, input_hw: Optional[Tuple[int, int]]) -> int:
     pe = model.patch_embed
-    if hasattr(pe, "dynamic_feat_size") and img_hw is not None:
-        gh, gw = pe.dynamic_feat_size(tuple(int(v) for v in img_hw))
+    if hasattr(pe, "dynamic_feat_size") and input_hw is not None:
+        gh, gw = pe.dynamic_feat_size(tuple(int(v) for v in input_hw))
     else:
         gh, gw = pe.grid_size
-    proj = getattr(pe, "proj", None)
-    if isinstance(proj, nn.Conv2d):
-        per_patch = proj.out_channels * (proj.in_channels // proj.groups) * proj.kernel_size[0] * proj.kernel_size[1]
-    else:
-        per_patch = _linear_macs_per_token(pe)
-    return int(gh * gw * per_patch)
+    return int(gh * gw)
 
 
 @register_adapter
 class TimmViTAdapter(Adapter):
-    name = ("timm.models.vision_transformer.VisionTransformer and subclasses built from timm's Block/Attention "
-            "(ViT, DeiT, distilled DeiT, registers, class_token=False, avg pool, dynamic_img_size)")
-    provides = frozenset({"keys", "keys_per_head", "cls_attn", "attn"})
-    sites = frozenset({Site.BLOCK_MID, Site.BLOCK_OUT})
+    name = ("timm VisionTransformer and subclasses built from timm's Block/Attention (ViT, DeiT, distilled DeiT, "
+            "registers, class_token=False, avg pool, dynamic_img_size)")
+    provides = {site: VISION_BLOCK_NEEDS | {Need.ATTENTION_PROBS, Need.VALID}
+                for site in (Site.BLOCK_IN, Site.BLOCK_MID, Site.BLOCK_OUT)}
 
     @classmethod
     def claims(cls, model: nn.Module) -> bool:
-        return VisionTransformer is not None and isinstance(model, VisionTransformer)
+        if VisionTransformer is None:
+            return type(model).__name__ == "VisionTransformer" and type(model).__module__.startswith("timm")
+        return isinstance(model, VisionTransformer)
 
     @classmethod
     def check_model(cls, model: nn.Module) -> None:
+        if TIMM_ERROR is not None:
+            import timm
+            raise ValueError(f"tokenreduce needs timm >= 1.0.9 (timm.layers.Attention); this timm "
+                             f"{timm.__version__} fails with: {TIMM_ERROR}. Upgrade with: pip install -U timm")
         for i, blk in enumerate(model.blocks):
             if type(blk).forward is not TimmBlock.forward:
                 raise ValueError(
@@ -131,163 +188,33 @@ class TimmViTAdapter(Adapter):
     # ----------------------------------------------------------------------------------------------------------
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        self.fs: Optional[ForwardState] = None
-        self.method: Optional[ReductionMethod] = None
-        self._hooks: List[Any] = []
-        blocks = list(model.blocks)
-        self._attn_macs_per_token = [_linear_macs_per_token(b.attn) for b in blocks]
-        self._attn_dim = [b.attn.num_heads * b.attn.head_dim for b in blocks]
-        self._mlp_macs_per_token = [_linear_macs_per_token(b.mlp) for b in blocks]
+        self.host = LayerHost(self, TimmBlockFamily(), list(model.blocks), int(model.num_prefix_tokens))
 
-    def geometry(self) -> Geometry:
+    def geometry(self, site: Site) -> Geometry:
         m = self.model
+        grid = getattr(m.patch_embed, "grid_size", None)
         return Geometry(
-            num_blocks=len(m.blocks),
-            num_prefix=int(m.num_prefix_tokens),
-            num_patches=getattr(m.patch_embed, "num_patches", None),
-            dim=int(m.embed_dim),
-            num_heads=int(m.blocks[0].attn.num_heads),
-            has_class_token=getattr(m, "cls_token", None) is not None,
-            macs=self.block_macs,
-        )
+            num_blocks=len(m.blocks), num_prefix=int(m.num_prefix_tokens),
+            num_patches=getattr(m.patch_embed, "num_patches", None), dim=int(m.embed_dim),
+            num_heads=int(m.blocks[0].attn.num_heads), has_class_token=getattr(m, "cls_token", None) is not None,
+            grid=tuple(int(g) for g in grid) if grid is not None else None, cost=self.cost(None))
 
-    def block_macs(self, blocks) -> int:
-        """Analytic MACs per image at the default input size for ``[(tokens into attention, tokens into MLP)]``."""
-        fs = ForwardState()
-        fs.blocks = [(n_attn, n_mlp, n_mlp) for n_attn, n_mlp in blocks]
-        fs.extras["img_hw"] = None
-        return self.flops(fs)
+    def cost(self, input_hw: Optional[Tuple[int, int]]) -> CostModel:
+        """The MAC model for an input of ``input_hw`` (None: the default size)."""
+        per_patch = _patch_macs(self.model)
+        return self.host.cost(_num_patches(self.model, input_hw) * per_patch + _head_macs(self.model), per_patch)
 
     def install(self, method: ReductionMethod, options: Dict[str, Any]) -> None:
-        model = self.model
-        self.method = method
-        self.trace_source = bool(options.get("trace_source", False))
-        self.size_weighted_pool = bool(options.get("size_weighted_pool", True))
-        self.num_prefix = int(model.num_prefix_tokens)
-        n = len(model.blocks)
-        self._acts = [method.acts_at(i) for i in range(n)]
-        self._needs = [method.needs_at(i) if self._acts[i] else frozenset() for i in range(n)]
-        self._site_mid = method.site == Site.BLOCK_MID
-        custom = type(method).attention_probs is not ReductionMethod.attention_probs
-        self._probs_hook = [custom and a for a in self._acts]
-
-        cls = type(model)
-        model.forward_features = self._entry(cls.forward_features)
-        model.forward_intermediates = self._intermediates_entry(cls.forward_intermediates)
-        if hasattr(cls, "pool"):
-            self._class_pool = cls.pool
-            model.pool = self._pool
-        for i, blk in enumerate(model.blocks):
-            blk.forward = functools.partial(self._block_forward, blk, i)
-            needs = self._needs[i]
-            if needs & host.ANALYSIS:
-                self._hooks.append(blk.attn.k_norm.register_forward_hook(self._tap("k")))
-            if needs & {"cls_attn", "attn"}:
-                self._hooks.append(blk.attn.q_norm.register_forward_hook(self._tap("q")))
-
-    def uninstall(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-        for name in _ENTRY_POINTS + ("pool",):
-            self.model.__dict__.pop(name, None)
-        for blk in self.model.blocks:
-            blk.__dict__.pop("forward", None)
-        self.fs = None
-
-    # ----------------------------------------------------------------------------------------------------------
-    def _begin(self, img: Optional[torch.Tensor]) -> None:
-        self.fs = ForwardState()
-        self.fs.extras["img_hw"] = tuple(img.shape[-2:]) if torch.is_tensor(img) and img.dim() == 4 else None
-
-    def _entry(self, fn):
-        model = self.model
-
-        @functools.wraps(fn)
-        def forward_features(x, *args, **kwargs):
-            self._begin(x)
-            return fn(model, x, *args, **kwargs)
-
-        return forward_features
-
-    def _intermediates_entry(self, fn):
-        model = self.model
-        signature = inspect.signature(fn)
-
-        @functools.wraps(fn)
-        def forward_intermediates(x, *args, **kwargs):
-            bound = signature.bind(model, x, *args, **kwargs)
-            bound.apply_defaults()
-            if bound.arguments.get("output_fmt") == "NCHW" and any(self._acts):
-                raise ValueError("a model patched with a token-reducing method has no spatial grid after the first "
-                                 "reduction: call forward_intermediates(..., output_fmt='NLC')")
-            self._begin(x)
-            return fn(model, x, *args, **kwargs)
-
-        return forward_intermediates
-
-    def _tap(self, name: str):
-        def hook(module, inputs, output):
-            self.fs.taps[name] = output
-        return hook
-
-    def _block_forward(self, blk: nn.Module, layer: int, x: torch.Tensor,
-                       attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
-        fs = self.fs
-        if fs is None:  # a block called on its own, outside the model's forward
-            self._begin(None)
-            fs = self.fs
-        n_in = x.shape[1]
-        bias = host.attention_bias(self.method, fs.size, attn_mask, n_in)
-        attn_kwargs = {"attn_mask": bias}
-        if is_causal:
-            attn_kwargs["is_causal"] = True
-        probs_fn = self.method.attention_probs(layer, blk.training) if self._probs_hook[layer] else None
-        if probs_fn is None:
-            h = blk.attn(blk.norm1(x), **attn_kwargs)
-        else:  # timm's own Attention, with the method's softmax in place of SDPA's
-            with _AttentionProbs(probs_fn):
-                h = blk.attn(blk.norm1(x), **attn_kwargs)
-        x = x + blk.drop_path1(blk.ls1(h))
-        acts = self._acts[layer]
-        if acts and self._site_mid:
-            x = self._reduce(x, layer, blk, bias)
-        n_mid = x.shape[1]
-        x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-        if acts and not self._site_mid:
-            x = self._reduce(x, layer, blk, bias)
-        fs.blocks.append((n_in, n_mid, x.shape[1]))
-        fs.extras["out"] = (x.shape[0], x.dtype, x.device)
-        fs.taps.clear()
-        return x
-
-    def _reduce(self, x: torch.Tensor, layer: int, blk: nn.Module, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        fs, needs = self.fs, self._needs[layer]
-        analysis = host.analysis_inputs(fs.taps.get("q"), fs.taps["k"], needs, blk.attn.scale, bias) \
-            if needs & host.ANALYSIS else {}
-        state = host.token_state(fs, x, layer, self.num_prefix, self.trace_source, analysis)
-        return host.reduce_tokens(fs, self.method, state)
-
-    def _pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
-        model, fs = self.model, self.fs
-        pool_type = model.global_pool if pool_type is None else pool_type
-        size = fs.size if fs is not None else None
-        if (not self.size_weighted_pool or size is None or getattr(model, "attn_pool", None) is not None
-                or pool_type not in ("avg", "avgmax") or size.shape[1] != x.shape[1]):
-            return self._class_pool(model, x, pool_type=pool_type)
-        start = 0 if getattr(model, "pool_include_prefix", False) else self.num_prefix
-        tokens, weight = x[:, start:], size[:, start:, None].to(x.dtype)
-        mean = (tokens * weight).sum(dim=1) / weight.sum(dim=1)
-        return mean if pool_type == "avg" else 0.5 * (tokens.amax(dim=1) + mean)
+        model, patcher = self.model, self.patcher
+        self.method, self.options = method, dict(options)
+        for name in _ENTRY_POINTS:
+            patcher.set_attr(model, name, EntryPoint(self, patcher.original(model, name),
+                                                     check_fmt=name == "forward_intermediates"))
+        if hasattr(type(model), "pool"):
+            patcher.set_attr(model, "pool", SizeWeightedPool(self, patcher.original(model, "pool")))
+        self.host.install(patcher, method, bool(options.get("trace_source", False)))
 
     # ----------------------------------------------------------------------------------------------------------
     def info(self) -> ReductionInfo:
-        return host.reduction_info(self.fs, self.trace_source, self.flops(self.fs) if self.fs is not None else 0)
-
-    def flops(self, fs: ForwardState) -> int:
-        """Analytic MACs per image of the forward recorded in ``fs`` (convention in ``ops.flops``)."""
-        total = _embed_macs(self.model, fs.extras.get("img_hw")) + _head_macs(self.model)
-        for i, (n_attn, n_mlp, _) in enumerate(fs.blocks):
-            total += n_attn * self._attn_macs_per_token[i] + 2 * n_attn * n_attn * self._attn_dim[i]
-            total += n_mlp * self._mlp_macs_per_token[i]
-        return int(total)
+        rec = self.finished_record()
+        return self.vision_info(self.cost(rec.input_hw).macs([(l.tokens_in, l.tokens_mid) for l in rec.layers]))

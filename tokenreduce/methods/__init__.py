@@ -1,6 +1,6 @@
-"""One file per method, each registered by name; importing this package registers the built-in ones."""
-from .base import Geometry, Param, ReductionMethod, Site
-from .registry import COMMON_PARAMS, get_method, list_methods, method_params, register_method, resolve_params
+"""One file per method (a package where a method is large), each registered by name; importing this package
+registers the built-in ones. The contracts they implement live in :mod:`tokenreduce.core`."""
+from ..core import Geometry, Param, ReductionMethod, Site, get_method, list_methods, method_params, register_method
 from . import tome  # noqa: F401,E402  (registers "tome")
 from . import pitome  # noqa: F401,E402  (registers "pitome")
 from . import atc  # noqa: F401,E402  (registers "atc")
@@ -10,5 +10,5 @@ from . import diffrate  # noqa: F401,E402  (registers "diffrate")
 from . import zero_tprune  # noqa: F401,E402  (registers "zero_tprune")
 from . import baselines  # noqa: F401,E402  (registers "random", "topk_attn")
 
-__all__ = ["COMMON_PARAMS", "Geometry", "Param", "ReductionMethod", "Site", "get_method", "list_methods",
-           "method_params", "register_method", "resolve_params"]
+__all__ = ["Geometry", "Param", "ReductionMethod", "Site", "get_method", "list_methods", "method_params",
+           "register_method"]

@@ -12,8 +12,9 @@ Two schedules, both faithful to JoakimHaurum/ATC at 227c94b:
 - ``r`` (like ToMe: an int, ``[r, inflect]`` or a per-block list): block l removes exactly ``r_l`` tokens. The
   official off-the-shelf patch removes ``r - 1`` tokens per block when the model has a class token (its cluster
   count is computed from the token count including CLS); here ``r`` always means tokens removed.
-- ``keep_rate`` with ``locations`` (the paper's fine-tuned DeiT setting): inside block ``locations[j]`` the
-  patch tokens are clustered into ``int(num_patches * keep_rate ** (j + 1))`` clusters.
+- ``keep_ratio`` with ``layers`` (upstream ``keep_rate`` / ``locations``, the paper's fine-tuned DeiT setting):
+  inside block ``layers[j]`` the patch tokens are clustered into ``int(num_patches * keep_ratio ** (j + 1))``
+  clusters, ``num_patches`` being the actual input's patch count.
 
 The clustering runs batched on the model's device (``ops.clustering``), with scikit-learn's partitions.
 """
@@ -24,12 +25,13 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from ..core import Geometry, Need, Param, ReductionMethod, Site, TokenState, register_method
+from ..core.params import boolean, choice, fraction, layer_list
 from ..ops.clustering import LINKAGES, agglomerative_clustering, cosine_distance
+from ..ops.merge import with_prefix_slots
 from ..ops.schedule import parse_r
-from ..state import TokenState
-from .base import Geometry, Param, ReductionMethod, Site
-from .registry import register_method
-from .tome import check_bool, check_r, merge_state
+from .state_ops import merge_state
+from .tome import check_r, warn_clamped
 
 #: The paper's reduction blocks for 12-block DeiT models.
 DEFAULT_LOCATIONS = (3, 6, 9)
@@ -39,102 +41,87 @@ def check_optional_r(r: Any) -> Optional[str]:
     return None if r is None else check_r(r)
 
 
-def check_keep_rate(v: Any) -> Optional[str]:
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0.0 < v <= 1.0:
-        return "keep_rate must be a number in (0, 1] (fraction of the patch tokens kept after each location)"
-    return None
-
-
-def check_locations(v: Any) -> Optional[str]:
-    if v is None:
-        return None
-    if (isinstance(v, (list, tuple)) and v and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
-            and all(i >= 0 for i in v) and all(x < y for x, y in zip(v, v[1:]))):
-        return None
-    return "locations must be a non-empty, strictly increasing list of block indices >= 0, e.g. [3, 6, 9]"
-
-
-def check_linkage(v: Any) -> Optional[str]:
-    return None if v in LINKAGES else f"linkage must be one of {', '.join(LINKAGES)}"
-
-
-def keep_rate_targets(keep_rate: float, locations: List[int], num_patches: int) -> Dict[int, int]:
-    """Clusters left after each location: ``int(num_patches * keep_rate ** (j + 1))`` (the official code's
-    expression, evaluated in Python floats), at least 1."""
-    return {loc: max(1, int(num_patches * keep_rate ** (j + 1))) for j, loc in enumerate(locations)}
+def keep_rate_clusters(keep_rate: float, step: int, num_patches: int) -> int:
+    """Clusters left after the ``step``-th location (0-based): ``int(num_patches * keep_rate ** (step + 1))`` (the
+    official code's expression in Python floats), at least 1. ``num_patches`` is the patch count of the actual
+    input, so the schedule follows ``dynamic_img_size``."""
+    return max(1, int(num_patches * keep_rate ** (step + 1)))
 
 
 @register_method
 class ATC(ReductionMethod):
     name = "atc"
     site = Site.BLOCK_MID
-    needs = frozenset({"keys"})
+    needs = frozenset({Need.KEYS})
     summary = "Agglomerative Token Clustering: hierarchical clustering of the keys, clusters merged by size"
     params = {
         "r": Param(None, "tokens removed per block: int, [r, inflect] or per-block list (exclusive with "
-                         "keep_rate; neither = no reduction)", check_optional_r),
-        "keep_rate": Param(None, "fraction of the patch tokens kept after each location, compounding: "
-                                 "int(num_patches * keep_rate**(j+1)) after the j-th", check_keep_rate),
-        "locations": Param(None, "blocks that cluster with keep_rate (default [3, 6, 9], the paper's DeiT setting)",
-                           check_locations),
+                         "keep_ratio; neither = no reduction); clamped to leave one cluster", check_optional_r),
+        "keep_ratio": Param(None, "fraction of the patch tokens kept after each of `layers`, compounding: "
+                                  "int(patches * keep_ratio**(j+1)) after the j-th (upstream keep_rate)",
+                            fraction(optional=True), aliases=("keep_rate",)),
+        "layers": Param(None, "blocks that cluster with keep_ratio (default [3, 6, 9], the paper's DeiT setting; "
+                              "upstream locations)", layer_list(), aliases=("locations",)),
         "linkage": Param("average", "cluster distance: average (UPGMA), complete (max) or single (min)",
-                         check_linkage),
-        "prop_attn": Param(True, "proportional attention: add log(size) to the attention logits", check_bool),
+                         choice(*LINKAGES)),
+        "prop_attn": Param(True, "proportional attention: add log(size) to the attention logits", boolean),
     }
 
     def __init__(self, geometry: Geometry, **params: Any) -> None:
         super().__init__(geometry, **params)
         self.linkage: str = params["linkage"]
-        r, keep_rate, locations = params["r"], params["keep_rate"], params["locations"]
+        r, keep_ratio, layers = params["r"], params["keep_ratio"], params["layers"]
         depth = geometry.num_blocks
-        # Targets per block: tokens removed (r schedule) or clusters left (keep_rate schedule).
+        # Either tokens removed per block (the r schedule) or a compounding keep ratio at some blocks.
         self.remove: Optional[List[int]] = None
-        self.targets: Dict[int, int] = {}
-        if keep_rate is None:
-            if locations is not None:
-                raise ValueError("atc: locations only applies with keep_rate; for per-block counts pass r as a list")
+        self.keep_ratio: Optional[float] = None
+        self.steps: Dict[int, int] = {}  # block -> its position among the keep_ratio blocks
+        if keep_ratio is None:
+            if layers is not None:
+                raise ValueError("atc: layers only applies with keep_ratio; for per-block counts pass r as a list")
             self.remove = parse_r(0 if r is None else r, depth)
+            if geometry.num_tokens is not None:
+                n, limits = geometry.num_patches, []
+                for removed in self.remove:
+                    limits.append(max(n - 1, 0))
+                    n -= min(removed, max(n - 1, 0))
+                warn_clamped(self.name, self.remove, limits, "all but one of the non-prefix tokens")
             return
         if r is not None:
-            raise ValueError("atc: give either r (tokens removed per block) or keep_rate (with locations), not both")
-        locations = list(DEFAULT_LOCATIONS if locations is None else locations)
-        if locations[-1] >= depth:
-            raise ValueError(f"atc: locations {locations} out of range for a model with {depth} blocks "
+            raise ValueError("atc: give either r (tokens removed per block) or keep_ratio (with layers), not both")
+        layers = list(DEFAULT_LOCATIONS if layers is None else layers)
+        if layers[-1] >= depth:
+            raise ValueError(f"atc: layers {layers} out of range for a model with {depth} blocks "
                              f"(valid: 0..{depth - 1})")
-        if geometry.num_patches is None:
-            raise ValueError("atc: keep_rate needs the model's number of patch tokens, which is unknown here; "
-                             "pass r instead")
-        self.targets = keep_rate_targets(float(keep_rate), locations, geometry.num_patches)
+        self.keep_ratio = float(keep_ratio)
+        self.steps = {layer: j for j, layer in enumerate(layers)}
 
     def acts_at(self, layer: int) -> bool:
         if self.remove is not None:
             return self.remove[layer] > 0
-        return layer in self.targets
+        return layer in self.steps
 
-    def clusters_at(self, layer: int, num_tokens: int) -> int:
-        """Clusters to form from ``num_tokens`` unprotected tokens at this block (``num_tokens`` = no change).
+    def clusters_at(self, state: TokenState) -> int:
+        """Clusters to form from the non-prefix tokens present (their number = no change).
 
         At least one cluster is left (the official code's clamp); the r schedule removes at most
-        ``num_tokens - 1`` tokens, unlike ToMe's clamp to half.
+        ``tokens - 1``, unlike ToMe's clamp to half. The keep_ratio schedule counts the patches of the actual
+        input (the summed sizes), so it follows ``dynamic_img_size``.
         """
+        t = state.num_tokens - state.num_prefix
         if self.remove is not None:
-            return num_tokens - min(self.remove[layer], max(num_tokens - 1, 0))
-        return min(self.targets.get(layer, num_tokens), num_tokens)
+            return t - min(self.remove[state.layer], max(t - 1, 0))
+        patches = int(round(float(state.size[0, state.num_prefix:].sum())))
+        return min(keep_rate_clusters(self.keep_ratio, self.steps[state.layer], patches), t)
 
     def reduce(self, state: TokenState) -> TokenState:
         p = state.num_prefix
-        t = state.num_tokens - p
-        k = self.clusters_at(state.layer, t)
-        if k >= t:
+        k = self.clusters_at(state)
+        if k >= state.num_tokens - p:
             return state
         with torch.no_grad():
             metric = state.keys[:, p:]
             if metric.dtype in (torch.float16, torch.bfloat16):
                 metric = metric.float()  # half-precision distances would be riddled with exact ties
             labels = agglomerative_clustering(cosine_distance(metric), k, self.linkage)
-            if p:
-                prefix = torch.arange(p, device=labels.device).expand(labels.shape[0], p)
-                labels = torch.cat([prefix, labels + p], dim=1)
-        return merge_state(state, labels, p + k)
+        return merge_state(state, with_prefix_slots(labels, p), p + k)

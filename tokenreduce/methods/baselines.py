@@ -13,31 +13,36 @@ from typing import Any, Dict
 
 import torch
 
+from ..core import Geometry, Need, Param, TokenState, register_method
+from ..core.params import integer
 from ..ops.pruning import topk_keep
-from ..state import TokenState
-from .base import Geometry, Param
-from .pruning import SCHEDULE_PARAMS, PruningMethod, check_seed
-from .registry import register_method
+from .pruning import SCHEDULE_PARAMS, PruningMethod
 
 
 @register_method
 class RandomPrune(PruningMethod):
-    """Random pruning. The generator is seeded at patch time and advances with every forward, so a run is
-    reproducible from the patch on, while successive batches get fresh draws. The scores are drawn on the CPU,
-    so CPU and GPU runs drop the same tokens."""
+    """Random pruning. Every forward draws from a generator seeded with ``seed`` (its carry), so the model is a
+    deterministic function of its input and a run is reproducible; ``seed=None`` draws from torch's global
+    generator instead (fresh tokens every forward, controlled by ``torch.manual_seed``). The scores are drawn on
+    the CPU, so CPU and GPU runs drop the same tokens."""
 
     name = "random"
     needs = frozenset()
     summary = "Random pruning baseline: keep uniformly random non-prefix tokens between blocks (seeded)"
-    params: Dict[str, Param] = {**SCHEDULE_PARAMS, "seed": Param(0, "seed of the random generator", check_seed)}
+    params: Dict[str, Param] = {**SCHEDULE_PARAMS,
+                                "seed": Param(0, "seed of each forward's draws; None: torch's global generator",
+                                              integer(optional=True))}
 
     def __init__(self, geometry: Geometry, **params: Any) -> None:
         super().__init__(geometry, **params)
-        self.generator = torch.Generator().manual_seed(int(params.get("seed", 0)))
+        self.seed = params.get("seed", 0)
+
+    def begin(self, training: bool) -> Any:
+        return None if self.seed is None else torch.Generator().manual_seed(int(self.seed))
 
     def select(self, state: TokenState, k: int) -> torch.Tensor:
         b, n = state.x.shape[:2]
-        scores = torch.rand(b, n, generator=self.generator).to(state.x.device)
+        scores = torch.rand(b, n, generator=state.carry).to(state.x.device)
         return topk_keep(scores, state.num_prefix, k)
 
 
@@ -46,7 +51,7 @@ class TopKAttn(PruningMethod):
     """Keep the tokens with the highest head-averaged CLS attention of the block (EViT-style, no fusion)."""
 
     name = "topk_attn"
-    needs = frozenset({"cls_attn"})
+    needs = frozenset({Need.CLS_ATTN})
     summary = "CLS-attention top-k pruning baseline (EViT's criterion without fusion), between blocks"
     params: Dict[str, Param] = dict(SCHEDULE_PARAMS)
 

@@ -9,11 +9,11 @@ passed through the LLM's final norm). Kept: the image pivots plus everything the
 reproduce ZichenWen1/DART at 5a19452 on LLaVA-1.5 (see ``../shared/fixtures/dart``), including the order in which
 pivots are visited (CPython set order, ``pivot_order="upstream"``), which decides the kept set.
 
-The method is a pure selection: the adapter (``backbones/llava.py``) gives it, at the ``LLM_LAYER`` site, the
-hidden states ``x [B, S, C]`` entering layer K and in ``extras``: ``keys_per_head [B, H, S, d]`` (layer K−1, post-RoPE),
-``image_mask [B, S]``, ``valid_mask [B, S]`` (real, non-padding tokens), ``positions [B, S]`` (each token's index in
-its own unpadded prompt) and ``final_norm`` (the LLM's final norm, a callable). It returns the kept tokens and
-``extras["kept"] [B, S']``, sorted indices into the S tokens; the adapter carries positions, masks and the KV cache.
+The method is a pure selection at the ``LLM_LAYER`` site. It declares what it reads: the hidden states ``x [B, S, C]``
+entering layer K, ``keys_per_head [B, H, S, d]`` (layer K−1, post-RoPE), ``image_mask [B, S]``, ``valid [B, S]`` (real,
+non-padding tokens), ``positions [B, S]`` (each token's index in its own unpadded prompt) and ``normed`` (``x``
+through the language model's final norm). It returns the kept tokens with ``kept [B, S']``, sorted indices into the
+S tokens; the decoder site (``backbones/decoder.py``) carries positions, masks and the KV cache.
 """
 from __future__ import annotations
 
@@ -22,26 +22,11 @@ from typing import Any, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..ops.merge import gather_tokens
-from ..state import TokenState
-from .base import Geometry, Param, ReductionMethod, Site
-from .registry import register_method
+from ..core import Geometry, Need, Param, ReductionMethod, Site, TokenState, register_method
+from ..core.params import choice, integer
+from .state_ops import select_state
 
 PIVOT_ORDERS = ("upstream", "score", "position")
-
-
-def _check_int(minimum: int, optional: bool = False):
-    def check(v: Any) -> Optional[str]:
-        if optional and v is None:
-            return None
-        if isinstance(v, bool) or not isinstance(v, int):
-            return f"must be an int{' or None' if optional else ''}, got {v!r}"
-        return None if v >= minimum else f"must be >= {minimum}, got {v}"
-    return check
-
-
-def _check_order(v: Any) -> Optional[str]:
-    return None if v in PIVOT_ORDERS else f"must be one of {PIVOT_ORDERS}, got {v!r}"
 
 
 def resolve_per_pivot(per_pivot: Optional[int], budget: Optional[int], image_pivots: int, text_pivots: int) -> int:
@@ -115,21 +100,20 @@ def select_sample(normed: torch.Tensor, key_l1: torch.Tensor, image_idx: torch.T
 class DART(ReductionMethod):
     name = "dart"
     site = Site.LLM_LAYER
-    needs = frozenset({"keys_per_head"})
-    prunes = True
+    needs = frozenset({Need.KEYS_PER_HEAD, Need.IMAGE_MASK, Need.VALID, Need.POSITIONS, Need.NORMED})
     summary = "DART: prune duplicated image tokens inside the LLM after layer K by cosine to key-norm pivots"
     params = {
         "layer": Param(2, "K: index of the first LLM layer that sees the pruned sequence (upstream pruned_layer)",
-                       _check_int(1)),
-        "image_pivots": Param(4, "pivots among the image tokens (upstream pivot_image_token)", _check_int(0)),
+                       integer(1)),
+        "image_pivots": Param(4, "pivots among the image tokens (upstream pivot_image_token)", integer(0)),
         "text_pivots": Param(4, "pivots among the tokens after the image (upstream pivot_text_token)",
-                             _check_int(0)),
+                             integer(0)),
         "per_pivot": Param(None, "image tokens each pivot keeps (upstream TOKEN_TOPK); default budget // pivots",
-                           _check_int(0, optional=True)),
+                           integer(0, optional=True)),
         "budget": Param(None, "upstream max_num_trunction (default 128; paper '128'/'192'/...): per_pivot = "
-                              "budget // (image_pivots + text_pivots)", _check_int(0, optional=True)),
+                              "budget // (image_pivots + text_pivots)", integer(0, optional=True)),
         "pivot_order": Param("upstream", "order pivots pick in: 'upstream' (CPython set order), 'score', "
-                                         "'position'", _check_order),
+                                         "'position'", choice(*PIVOT_ORDERS)),
     }
 
     def __init__(self, geometry: Geometry, **params: Any) -> None:
@@ -140,6 +124,9 @@ class DART(ReductionMethod):
         self.per_pivot = resolve_per_pivot(params["per_pivot"], params["budget"], self.image_pivots,
                                            self.text_pivots)
         self.pivot_order = params["pivot_order"]
+        if self.image_pivots + self.text_pivots == 0:
+            raise ValueError("dart: image_pivots + text_pivots must be >= 1 (with no pivot every image token would "
+                             "be dropped)")
 
     @property
     def num_kept_image_tokens(self) -> int:
@@ -151,11 +138,9 @@ class DART(ReductionMethod):
 
     def select(self, state: TokenState) -> torch.Tensor:
         """``[B, S']`` sorted indices of the kept tokens (every non-image token and the selected image tokens)."""
-        x, ex = state.x, state.extras
-        image, valid, positions = ex["image_mask"], ex["valid_mask"], ex["positions"]
-        keys = ex["keys_per_head"]  # [B, H, S, d]
-        key_l1 = keys.abs().sum(dim=(1, 3))  # == L1 norm of the heads-concatenated key
-        normed = ex["final_norm"](x)
+        x, image, positions, normed = state.x, state.image_mask, state.positions, state.normed
+        valid = state.valid if state.valid is not None else torch.ones_like(image)
+        key_l1 = state.keys_per_head.abs().sum(dim=(1, 3))  # == L1 norm of the heads-concatenated key
         n_img = image.sum(dim=1)
         if bool((n_img != n_img[0]).any()):
             raise ValueError(f"dart keeps the same number of tokens in every sample, so every sample needs the same "
@@ -180,6 +165,4 @@ class DART(ReductionMethod):
         return torch.stack(rows)
 
     def reduce(self, state: TokenState) -> TokenState:
-        kept = self.select(state)
-        return state.replace(x=gather_tokens(state.x, kept), size=gather_tokens(state.size, kept), source=None,
-                             extras={**state.extras, "kept": kept})
+        return select_state(state, self.select(state))

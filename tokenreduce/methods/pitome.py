@@ -24,35 +24,24 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..core import Geometry, Need, Param, ReductionMethod, Site, TokenState, register_method
+from ..core.params import boolean, fraction, is_real
 from ..ops.energy import energy_score
 from ..ops.matching import best_match
-from ..ops.merge import gather_tokens
-from ..state import TokenState
-from .base import Geometry, Param, ReductionMethod, Site
-from .registry import register_method
-from .tome import check_bool, merge_state
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def check_ratio(v: Any) -> Optional[str]:
-    if not _is_real(v) or not 0.0 < v <= 1.0:
-        return "ratio is the fraction of tokens kept per block: a number in (0, 1]"
-    return None
+from ..ops.merge import gather_tokens, with_prefix_slots
+from .state_ops import merge_state
 
 
 def check_margin(v: Any) -> Optional[str]:
-    if v is None or _is_real(v):
+    if v is None or is_real(v):
         return None
-    if isinstance(v, (list, tuple)) and v and all(_is_real(m) for m in v):
+    if isinstance(v, (list, tuple)) and v and all(is_real(m) for m in v):
         return None
     return "margin must be None (upstream's schedule 0.75*(1 - l/L)), a number, or a list of numbers per block"
 
 
 def check_alpha(v: Any) -> Optional[str]:
-    return None if _is_real(v) and v > 0 else "alpha must be a number > 0"
+    return None if is_real(v) and v > 0 else "alpha must be a number > 0"
 
 
 def check_bsm_layers(v: Any) -> Optional[str]:
@@ -164,23 +153,23 @@ def energy_protected_assign(unit: torch.Tensor, order: torch.Tensor, r: int) -> 
 class PiToMe(ReductionMethod):
     name = "pitome"
     site = Site.BLOCK_MID
-    needs = frozenset({"keys"})
+    needs = frozenset({Need.KEYS})
     summary = "PiToMe: energy-ranked token merging that protects isolated (low-energy) tokens"
     params = {
-        "ratio": Param(1.0, "fraction of the unprotected tokens kept in every block, in (0, 1]; "
-                            "r = floor(T - T*ratio), clamped to T // 2", check_ratio),
+        "keep_ratio": Param(1.0, "fraction of the unprotected tokens kept in every block, in (0, 1]; "
+                                 "r = floor(T - T*keep_ratio), clamped to T // 2", fraction(), aliases=("ratio",)),
         "margin": Param(None, "energy margin: None = upstream's 0.75*(1 - l/L), a number for every block, or a "
                               "per-block list", check_margin),
         "alpha": Param(1.0, "ELU saturation of the energy for similarities below the margin", check_alpha),
         "bsm_layers": Param(None, "blocks using the bipartite variant (the rest protect low-energy tokens): None "
                                   "= the first ceil(L/2), an int k = the first k, or a list of indices",
                             check_bsm_layers),
-        "prop_attn": Param(False, "proportional attention: add log(size) to the attention logits", check_bool),
+        "prop_attn": Param(False, "proportional attention: add log(size) to the attention logits", boolean),
     }
 
     def __init__(self, geometry: Geometry, **params: Any) -> None:
         super().__init__(geometry, **params)
-        self.ratio = float(params["ratio"])
+        self.ratio = float(params["keep_ratio"])
         self.alpha = float(params["alpha"])
         self.margins = margin_schedule(params["margin"], geometry.num_blocks)
         self.bsm = bsm_blocks(params["bsm_layers"], geometry.num_blocks)
@@ -201,7 +190,4 @@ class PiToMe(ReductionMethod):
             unit = F.normalize(metric, dim=-1)
             variant = energy_bipartite_assign if state.layer in self.bsm else energy_protected_assign
             assign, num_out = variant(unit, order, r)
-            if p:
-                prefix = torch.arange(p, device=assign.device).expand(assign.shape[0], p)
-                assign = torch.cat([prefix, assign + p], dim=1)
-        return merge_state(state, assign, num_out + p)
+        return merge_state(state, with_prefix_slots(assign, p), num_out + p)

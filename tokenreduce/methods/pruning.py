@@ -4,14 +4,14 @@ a selection to the token state.
 A pruning step runs after a block (``Site.BLOCK_OUT``) and keeps the prefix tokens plus a number of the other
 tokens. The schedule is given by one of
 
-- ``keep`` (with ``prune_layers``): per step an int count of non-prefix tokens kept, or a float fraction of the
+- ``keep`` (with ``layers``, upstream ``prune_layers``): per step an int count of non-prefix tokens kept, or a float fraction of the
   non-prefix tokens present (rounded up); one value for every step or one per step;
 - ``keep_ratio``: the same fraction at every step (EViT's ``keep_rate``);
 - ``target_flops``: a FLOPs budget; the largest uniform keep ratio that meets it at the model's default input
   size (see :func:`resolve_steps`).
 
-``prune_layers`` defaults to the blocks ``floor(d/4), floor(d/2), floor(3d/4)`` (3, 6, 9 for a 12-block ViT, as
-in EViT) whenever a keep is given. Everything is resolved once, at patch time; int counts are checked there
+``layers`` defaults to the blocks ``floor(d/4), floor(d/2), floor(3d/4)`` (3, 6, 9 for a 12-block ViT, as
+in EViT) whenever a keep is given; on models too shallow for those (fewer than 4 blocks) to the middle block. Everything is resolved once, at patch time; int counts are checked there
 against the default input size and again at run time against the tokens actually present.
 """
 from __future__ import annotations
@@ -21,15 +21,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..ops.flops import vit_macs
-from ..ops.merge import gather_tokens
+from ..core import Geometry, Param, ReductionMethod, Site, TokenState
+from ..core.params import fraction, integer, is_int
 from ..ops.pruning import KeepSpec, keep_count, search_keep_ratio, tokens_per_block
-from ..state import TokenState
-from .base import Geometry, Param, ReductionMethod, Site
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+from .state_ops import select_state
 
 
 def _is_fraction(v: Any) -> bool:
@@ -39,21 +34,17 @@ def _is_fraction(v: Any) -> bool:
 def check_layers(v: Any) -> Optional[str]:
     if v is None:
         return None
-    if isinstance(v, (list, tuple)) and all(_is_int(x) and x >= 0 for x in v):
+    if isinstance(v, (list, tuple)) and all(is_int(x) and x >= 0 for x in v):
         return None
-    return "prune_layers must be None or a list of block indices (ints >= 0)"
+    return "layers must be None or a list of block indices (ints >= 0)"
 
 
 def check_keep(v: Any) -> Optional[str]:
-    ok = lambda x: (_is_int(x) and x >= 1) or _is_fraction(x)  # noqa: E731
+    ok = lambda x: (is_int(x) and x >= 1) or _is_fraction(x)  # noqa: E731
     if v is None or ok(v) or (isinstance(v, (list, tuple)) and len(v) > 0 and all(ok(x) for x in v)):
         return None
     return ("keep must be None, an int >= 1 (non-prefix tokens kept), a float in (0, 1] (fraction of the "
             "non-prefix tokens present), or a list of those, one per prune layer")
-
-
-def check_ratio(v: Any) -> Optional[str]:
-    return None if v is None or _is_fraction(v) else "keep_ratio must be None or a float in (0, 1]"
 
 
 def check_target(v: Any) -> Optional[str]:
@@ -63,18 +54,15 @@ def check_target(v: Any) -> Optional[str]:
             "multiply-accumulates per image (> 1, as tokenreduce.info(model).flops)")
 
 
-def check_seed(v: Any) -> Optional[str]:
-    return None if _is_int(v) else f"seed must be an int, got {v!r}"
-
-
 #: The schedule parameters every pruning method accepts.
 SCHEDULE_PARAMS: Dict[str, Param] = {
-    "prune_layers": Param(None, "blocks (0-based) after which a pruning step runs; None: floor(d/4), floor(d/2), "
-                                "floor(3d/4) (3, 6, 9 for 12 blocks) when a keep is given", check_layers),
+    "layers": Param(None, "blocks (0-based) after which a pruning step runs; None: floor(d/4), floor(d/2), "
+                          "floor(3d/4) (3, 6, 9 for 12 blocks) when a keep is given", check_layers,
+                    aliases=("prune_layers",)),
     "keep": Param(None, "non-prefix tokens kept by each step: int count or float fraction of those present; one "
                         "value, or one per prune layer", check_keep),
     "keep_ratio": Param(None, "shorthand: keep this fraction of the non-prefix tokens present at every step",
-                        check_ratio),
+                        fraction(optional=True), aliases=("keep_rate",)),
     "target_flops": Param(None, "FLOPs budget (fraction <= 1 of the unpruned model, or MACs per image): picks the "
                                 "largest uniform keep ratio that meets it", check_target),
 }
@@ -84,17 +72,10 @@ def default_prune_layers(num_blocks: int) -> List[int]:
     """``floor(d/4), floor(d/2), floor(3d/4)``, deduplicated, without block 0 or the last block (a step after
     the last block saves nothing): 3, 6, 9 for d = 12 (EViT's positions), 6, 12, 18 for d = 24, 1, 2 for d = 4."""
     layers = sorted({num_blocks * q // 4 for q in (1, 2, 3)})
-    return [layer for layer in layers if 0 < layer < num_blocks - 1]
-
-
-def geometry_macs(geometry: Geometry) -> Callable[[Sequence[Tuple[int, int]]], float]:
-    """The adapter's analytic MAC count for ``[(tokens into attention, tokens into MLP)]`` per block, or, for an
-    adapter that does not report one, the plain ViT formula (attention width = dim, MLP hidden = 4·dim)."""
-    macs = getattr(geometry, "macs", None)
-    if macs is not None:
-        return macs
-    dim = geometry.dim
-    return lambda blocks: vit_macs(blocks, dim=dim, attn_dim=dim, mlp_hidden=4 * dim)
+    layers = [layer for layer in layers if 0 < layer < num_blocks - 1]
+    if not layers and num_blocks >= 2:
+        layers = [(num_blocks - 1) // 2]  # shallow models (2 or 3 blocks): one step in the middle
+    return layers
 
 
 def resolve_steps(geometry: Geometry, prune_layers: Optional[Sequence[int]], keep: Any,
@@ -118,15 +99,15 @@ def resolve_steps(geometry: Geometry, prune_layers: Optional[Sequence[int]], kee
         raise ValueError(f"give only one of keep, keep_ratio and target_flops (got {', '.join(given)})")
     if not given:
         if prune_layers:
-            raise ValueError("prune_layers is set but nothing says how many tokens to keep: give keep, keep_ratio "
+            raise ValueError("layers is set but nothing says how many tokens to keep: give keep, keep_ratio "
                              "or target_flops")
         return {}
     layers = list(prune_layers) if prune_layers is not None else default_prune_layers(d)
     bad = [layer for layer in layers if not 0 <= layer < d]
     if bad:
-        raise ValueError(f"prune_layers {bad} are out of range: the model has {d} blocks (indices 0..{d - 1})")
+        raise ValueError(f"layers {bad} are out of range: the model has {d} blocks (indices 0..{d - 1})")
     if any(a >= b for a, b in zip(layers, layers[1:])):
-        raise ValueError(f"prune_layers must be strictly increasing, got {layers}")
+        raise ValueError(f"layers must be strictly increasing, got {layers}")
     if not layers:
         return {}
 
@@ -138,7 +119,7 @@ def resolve_steps(geometry: Geometry, prune_layers: Optional[Sequence[int]], kee
             return {}
     if isinstance(keep, (list, tuple)):
         if len(keep) != len(layers):
-            raise ValueError(f"keep lists {len(keep)} values but there are {len(layers)} prune layers {layers}")
+            raise ValueError(f"keep lists {len(keep)} values but there are {len(layers)} pruning layers {layers}")
         specs = list(keep)
     else:
         specs = [keep] * len(layers)
@@ -169,17 +150,19 @@ def _search_ratio(geometry: Geometry, layers: List[int], target: float) -> float
     if n0 is None:
         raise ValueError("target_flops needs the model's number of patches at its default input size, which this "
                          "model does not report; give keep or keep_ratio instead")
-    macs = geometry_macs(geometry)
+    if geometry.cost is None:
+        raise ValueError("target_flops needs the model's FLOP model, which this adapter does not report; give keep "
+                         "or keep_ratio instead")
 
     def cost(ratio: float) -> float:
         tokens = tokens_per_block(n0, p, d, {layer: float(ratio) for layer in layers})  # ratio 0 keeps 1
-        return float(macs([(n, n) for n in tokens]))
+        return float(geometry.cost.macs([(n, n) for n in tokens]))
 
     dense = cost(1.0)
     budget = target * dense if target <= 1.0 else target
     ratio = search_keep_ratio(cost, budget)
     if ratio is None:
-        raise ValueError(f"target_flops={target} is unreachable with prune_layers={layers}: keeping one token per "
+        raise ValueError(f"target_flops={target} is unreachable with layers={layers}: keeping one token per "
                          f"step costs {cost(0.0):.4g} MACs ({cost(0.0) / dense:.3f} of the unpruned {dense:.4g}); "
                          "prune earlier or raise the budget")
     return ratio if ratio > 0 else 1e-9
@@ -193,12 +176,11 @@ class PruningMethod(ReductionMethod):
     """
 
     site = Site.BLOCK_OUT
-    prunes = True
 
     def __init__(self, geometry: Geometry, **params: Any) -> None:
         super().__init__(geometry, **params)
         self.steps: Dict[int, KeepSpec] = resolve_steps(
-            geometry, params.get("prune_layers"), params.get("keep"), params.get("keep_ratio"),
+            geometry, params.get("layers"), params.get("keep"), params.get("keep_ratio"),
             params.get("target_flops"))
 
     def acts_at(self, layer: int) -> bool:
@@ -229,12 +211,4 @@ class PruningMethod(ReductionMethod):
         k = self.kept_count(state)
         if k == state.num_tokens - state.num_prefix:
             return state
-        return apply_selection(state, self.select(state, k))
-
-
-def apply_selection(state: TokenState, index: torch.Tensor) -> TokenState:
-    """Keep the selected tokens: gather ``x``, ``size`` and ``source`` by ``index [B, M]`` and record it as
-    ``extras["kept"]`` (a fresh extras dict: the old one describes the old tokens)."""
-    source = gather_tokens(state.source, index) if state.source is not None else None
-    return state.replace(x=gather_tokens(state.x, index), size=gather_tokens(state.size, index), source=source,
-                         extras={"kept": index})
+        return select_state(state, self.select(state, k))

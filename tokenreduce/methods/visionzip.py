@@ -13,18 +13,9 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
+from ..core import Geometry, Need, Param, ReductionMethod, Site, TokenState, register_method
+from ..core.params import integer
 from ..ops.merge import gather_tokens
-from ..state import TokenState
-from .base import Geometry, Param, ReductionMethod, Site
-from .registry import register_method
-
-
-def _check_int(minimum: int):
-    def check(v: Any) -> Optional[str]:
-        if isinstance(v, bool) or not isinstance(v, int):
-            return f"must be an int, got {v!r}"
-        return None if v >= minimum else f"must be >= {minimum}, got {v}"
-    return check
 
 
 class Contextual(NamedTuple):
@@ -114,13 +105,12 @@ def check_budget(num_tokens: int, dominant: int, contextual: int) -> Optional[st
 class VisionZip(ReductionMethod):
     name = "visionzip"
     site = Site.TOWER_OUT
-    needs = frozenset({"cls_attn", "keys"})
-    prunes = True
+    needs = frozenset({Need.CLS_ATTN, Need.KEYS})
     summary = "VisionZip: CLS-attention dominant tokens plus key-similarity contextual merges at the tower output"
     params = {
         "dominant": Param(54, "tokens kept by CLS attention, the CLS token included (paper: 54, 108, 162)",
-                          _check_int(1)),
-        "contextual": Param(10, "merged context tokens (paper: 10, 20, 30)", _check_int(0)),
+                          integer(1)),
+        "contextual": Param(10, "merged context tokens (paper: 10, 20, 30)", integer(0)),
     }
 
     def __init__(self, geometry: Geometry, **params: Any) -> None:
@@ -132,14 +122,13 @@ class VisionZip(ReductionMethod):
             if problem:
                 raise ValueError(f"visionzip: {problem}")
 
-    @property
-    def num_output(self) -> int:
-        """Tokens per image after the reduction: ``dominant + contextual``."""
+    def num_output(self, num_tokens: int) -> Optional[int]:
+        """Tokens per image after the reduction: ``dominant + contextual`` (whatever the input size)."""
         return self.dominant + self.contextual
 
     def reduce(self, state: TokenState) -> TokenState:
         """``x [B, N, D]`` (CLS first) -> ``[B, dominant + contextual, D]``: CLS, dominant patches in spatial order,
-        contextual tokens in target order. ``extras["kept"]`` holds ``[B, dominant + contextual]`` indices of the
+        contextual tokens in target order. ``kept`` holds ``[B, dominant + contextual]`` indices of the
         kept tokens and the targets; ``size`` counts the tokens each output holds."""
         if state.num_prefix != 1:
             raise ValueError(f"visionzip needs exactly one prefix token (CLS), got {state.num_prefix}")
@@ -151,10 +140,9 @@ class VisionZip(ReductionMethod):
         x_dom = gather_tokens(state.x, dom)
         size_dom = gather_tokens(state.size, dom)
         if self.contextual == 0:
-            return state.replace(x=x_dom, size=size_dom, source=None, extras={**state.extras, "kept": dom})
+            return state.replace(x=x_dom, size=size_dom, source=None, kept=dom)
         rest = remaining_indices(dom, n)
         ctx = contextual_merge(gather_tokens(state.x, rest), gather_tokens(state.keys, rest), self.contextual)
         kept = torch.cat([dom, rest[:, ctx.targets]], dim=1)
         size = torch.cat([size_dom, (ctx.counts + 1).to(state.size.dtype)], dim=1)
-        return state.replace(x=torch.cat([x_dom, ctx.tokens], dim=1), size=size, source=None,
-                             extras={**state.extras, "kept": kept})
+        return state.replace(x=torch.cat([x_dom, ctx.tokens], dim=1), size=size, source=None, kept=kept)

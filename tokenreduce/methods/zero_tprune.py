@@ -19,13 +19,12 @@ from typing import Any, FrozenSet, List, NamedTuple, Optional, Tuple
 
 import torch
 
+from ..core import Geometry, Need, Param, TokenState, register_method
+from ..core.params import choice
 from ..ops.pagerank import (DEFAULT_HEAD_FILTER, aggregate_heads, cls_sqrt_n_weight, initial_scores, subgraph,
                             weighted_pagerank, wpr_importance)
 from ..ops.pruning import importance_keep, similarity_keep, split_drop
-from ..state import TokenState
-from .base import Geometry, Param
 from .pruning import SCHEDULE_PARAMS, PruningMethod
-from .registry import register_method
 
 
 def default_iterations(num_blocks: int) -> List[int]:
@@ -53,12 +52,6 @@ def check_head_filter(v: Any) -> Optional[str]:
             and all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in v) and 0 <= v[0] <= v[1]):
         return None
     return "head_filter must be None or a (low, high) variance band with 0 <= low <= high"
-
-
-def check_choice(*choices: str):
-    def check(v: Any) -> Optional[str]:
-        return None if v in choices else f"must be one of {', '.join(repr(c) for c in choices)}"
-    return check
 
 
 class ZeroTPruneStages(NamedTuple):
@@ -128,7 +121,7 @@ def block_keys(state: TokenState, mode: str) -> torch.Tensor:
     """``[B, N, C]`` keys for the S-stage: heads concatenated (``[B, H, N, d] -> [B, N, H·d]``) or averaged."""
     if mode == "mean":
         return state.keys
-    k = state.extras["keys_per_head"]
+    k = state.keys_per_head
     b, h, n, d = k.shape
     return k.transpose(1, 2).reshape(b, n, h * d)
 
@@ -136,7 +129,7 @@ def block_keys(state: TokenState, mode: str) -> torch.Tensor:
 @register_method
 class ZeroTPrune(PruningMethod):
     name = "zero_tprune"
-    needs = frozenset({"attn", "keys_per_head", "keys"})
+    needs = frozenset({Need.ATTN, Need.KEYS_PER_HEAD, Need.KEYS})
     summary = ("Zero-TPrune: Weighted PageRank on the attention graph + similarity stage; zero-shot pruning "
                "between blocks")
     params = {
@@ -147,12 +140,12 @@ class ZeroTPrune(PruningMethod):
         "head_filter": Param(DEFAULT_HEAD_FILTER, "(low, high) band of the per-head variance of N·s kept by the "
                                                   "head filter; None uses every head", check_head_filter),
         "cls_init": Param("sqrt_n", "'sqrt_n': CLS starts with sqrt(N) times the weight of other tokens; "
-                                    "'uniform'", check_choice("sqrt_n", "uniform")),
-        "keys": Param("concat", "keys for the S-stage similarity: 'concat' over heads or 'mean' over heads",
-                      check_choice("concat", "mean")),
+                                    "'uniform'", choice("sqrt_n", "uniform")),
+        "similarity_keys": Param("concat", "keys for the S-stage similarity: 'concat' over heads or 'mean' over "
+                                           "heads", choice("concat", "mean"), aliases=("keys",)),
         "importance_graph": Param("full", "I-stage graph: 'full' (block's whole graph) or 'survivors' (rerun on "
                                           "the S-stage survivors' renormalised sub-graph)",
-                                  check_choice("full", "survivors")),
+                                  choice("full", "survivors")),
     }
 
     def __init__(self, geometry: Geometry, **params: Any) -> None:
@@ -171,11 +164,11 @@ class ZeroTPrune(PruningMethod):
         hf = params.get("head_filter", DEFAULT_HEAD_FILTER)
         self.head_filter = (float(hf[0]), float(hf[1])) if hf is not None else None
         self.cls_init = params.get("cls_init", "sqrt_n")
-        self.key_mode = params.get("keys", "concat")
+        self.key_mode = params.get("similarity_keys", "concat")
         self.importance_graph = params.get("importance_graph", "full")
-        self._needs = frozenset({"attn", "keys" if self.key_mode == "mean" else "keys_per_head"})
+        self._needs = frozenset({Need.ATTN, Need.KEYS if self.key_mode == "mean" else Need.KEYS_PER_HEAD})
 
-    def needs_at(self, layer: int) -> FrozenSet[str]:
+    def needs_at(self, layer: int, training: bool = False) -> FrozenSet[str]:
         return self._needs if self.acts_at(layer) else frozenset()
 
     def select(self, state: TokenState, k: int) -> torch.Tensor:

@@ -67,3 +67,12 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     idx = index.reshape(index.shape + (1,) * (x.dim() - 2)).expand(*index.shape, *x.shape[2:])
     return x.gather(1, idx)
 
+
+
+def with_prefix_slots(assign: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """An assignment of the non-prefix tokens ``[B, T]`` -> one of all tokens ``[B, p + T]``: each prefix token
+    keeps its own slot ``0..p-1`` and the other slots shift by p."""
+    if not num_prefix:
+        return assign
+    prefix = torch.arange(num_prefix, device=assign.device).expand(assign.shape[0], num_prefix)
+    return torch.cat([prefix, assign + num_prefix], dim=1)

@@ -15,137 +15,27 @@ Two modes:
   pruning and one for merging (:class:`RateLogits`, outside the model's ``state_dict``). In ``model.train()`` the
   forward runs the differentiable discrete proxy (tokens masked, never removed, softmax with policy); in
   ``model.eval()`` it runs the inference path with the counts the logits currently choose. The training loop
-  lives in :mod:`tokenreduce.diffrate_search`.
+  lives in :mod:`tokenreduce.train.rate_search`.
 
 Defaults reproduce OpenGVLab/DiffRate at 91ae3e3 (see ``../shared/fixtures/diffrate`` and docs/methods/diffrate.md).
 """
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from ..ops.diffrate import (candidate_counts, keep_probability, kept_count, masked_merge, permute_tokens,
-                            similarity_merge, soft_keep_mask, softmax_with_policy, sort_by_importance)
-from ..state import TokenState
-from .base import Geometry, Param, ReductionMethod, Site
-from ..resources import data_dir
-from .registry import register_method
+from ...core import Geometry, Need, Param, ReductionMethod, Site, TokenState, register_method
+from ...core.params import boolean, int_list
+from .functional import (candidate_counts, keep_probability, kept_count, masked_merge, permute_tokens,
+                         similarity_merge, soft_keep_mask, softmax_with_policy, sort_by_importance)
+from .rates import RateTable, load_rates
 
 KINDS = ("prune", "merge")
-#: Where the released rate tables live (override with TOKENREDUCE_DIFFRATE_CONFIGS).
-CONFIG_DIR = Path(os.environ.get("TOKENREDUCE_DIFFRATE_CONFIGS", data_dir("configs") / "diffrate"))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Rate tables: YAML files and the released configs
-@dataclass
-class RateTable:
-    """One set of per-block kept counts (incl. prefix tokens) and what it was made for."""
-
-    prune_kept: List[int]
-    merge_kept: List[int]
-    model: Optional[str] = None
-    target_gflops: Optional[float] = None
-    origin: str = ""
-    meta: Dict[str, Any] = field(default_factory=dict)
-
-
-def _int_list(value: Any, what: str) -> List[int]:
-    if isinstance(value, str):  # upstream's compression_rate.json stores lists as strings
-        import yaml
-        value = yaml.safe_load(value)
-    if (not isinstance(value, (list, tuple)) or not value
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
-        raise ValueError(f"{what} must be a non-empty list of ints, got {value!r}")
-    return [int(v) for v in value]
-
-
-def _table_from(entry: Dict[str, Any], origin: str, model: Optional[str], meta: Dict[str, Any]) -> RateTable:
-    missing = [k for k in ("prune_kept", "merge_kept") if k not in entry]
-    if missing:
-        raise ValueError(f"{origin}: missing {missing}")
-    target = entry.get("target_gflops")
-    return RateTable(_int_list(entry["prune_kept"], f"{origin}: prune_kept"),
-                     _int_list(entry["merge_kept"], f"{origin}: merge_kept"),
-                     model=entry.get("model", model), target_gflops=None if target is None else float(target),
-                     origin=origin, meta=meta)
-
-
-def list_rate_configs(config_dir: Union[str, Path, None] = None) -> Dict[str, List[str]]:
-    """Released tables by config name: ``{"deit_small": ["2.3", "2.5", ...], ...}``."""
-    import yaml
-    out = {}
-    for path in sorted(Path(config_dir or CONFIG_DIR).glob("*.yaml")):
-        data = yaml.safe_load(path.read_text()) or {}
-        if isinstance(data.get("rates"), dict):
-            out[path.stem] = [str(k) for k in data["rates"]]
-    return out
-
-
-def load_rates(spec: Union[str, Path], config_dir: Union[str, Path, None] = None) -> RateTable:
-    """A rate table from a YAML file or a named config.
-
-    Args:
-        spec: ``"deit_small@2.9"`` (a file of ``configs/diffrate`` by stem, timm model name or upstream name, then
-            the FLOPs target), a YAML path holding ``prune_kept`` / ``merge_kept`` (what ``tools/train_rates.py``
-            exports), or ``"path.yaml@2.9"`` for a file with several tables under ``rates:``.
-        config_dir: where the named configs live (default ``configs/diffrate``).
-
-    Raises:
-        ValueError naming what exists when the file, the name or the target is unknown.
-    """
-    import yaml
-    text = str(spec)
-    name, _, target = text.rpartition("@") if "@" in text else (text, "", "")
-    path = Path(name).expanduser()
-    if not path.is_file():
-        path = _find_config(name, Path(config_dir or CONFIG_DIR))
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping with prune_kept/merge_kept or rates, got {type(data).__name__}")
-    meta = {k: v for k, v in data.items() if k not in ("rates", "prune_kept", "merge_kept")}
-    if "prune_kept" in data or "merge_kept" in data:
-        if target:
-            raise ValueError(f"{path} holds a single table; drop '@{target}'")
-        return _table_from(data, str(path), data.get("model"), meta)
-    tables = data.get("rates")
-    if not isinstance(tables, dict) or not tables:
-        raise ValueError(f"{path}: neither prune_kept/merge_kept nor a 'rates:' mapping")
-    if not target:
-        raise ValueError(f"{path} holds several tables; pick one with '@<GFLOPs>', one of {list(map(str, tables))}")
-    for key, entry in tables.items():
-        if _same_number(key, target):
-            entry = dict(entry)
-            entry.setdefault("target_gflops", float(key))
-            return _table_from(entry, f"{path}@{key}", data.get("model"), meta)
-    raise ValueError(f"{path} has no table for {target} GFLOPs; it has {', '.join(map(str, tables))}")
-
-
-def _same_number(a: Any, b: Any) -> bool:
-    try:
-        return abs(float(a) - float(b)) < 1e-9
-    except (TypeError, ValueError):
-        return False
-
-
-def _find_config(name: str, config_dir: Path) -> Path:
-    import yaml
-    tables = {}  # only rate-table files (a "rates:" mapping); method configs may share the folder
-    for path in sorted(config_dir.glob("*.yaml")):
-        data = yaml.safe_load(path.read_text()) or {}
-        if isinstance(data, dict) and isinstance(data.get("rates"), dict):
-            tables[path] = data
-    for path, data in tables.items():
-        if name in (path.stem, data.get("model"), data.get("upstream_name")):
-            return path
-    candidates = list(tables)
-    known = ", ".join(p.stem for p in candidates) or f"none found in {config_dir}"
-    raise ValueError(f"no rate file or named config {name!r}; named configs: {known} (use e.g. 'deit_small@2.9')")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -196,23 +86,14 @@ class RateLogits(nn.Module):
 
 
 @dataclass
-class _SearchRun:
-    """State of one rate-search (training) forward: the running keep mask and what the blocks chose."""
+class SearchRun:
+    """One rate-search (training) forward, the method's carry: the running keep mask and what each block chose.
+    ``tokenreduce.info(model).method_state`` returns it after the forward (the trainer reads it)."""
 
     mask: Optional[torch.Tensor] = None  # [B, N] keep policy in sorted order (carries gradient)
     cls_attn: Optional[torch.Tensor] = None  # [B, N] the current block's CLS row of the policy softmax
     kept: Dict[str, List[torch.Tensor]] = field(default_factory=lambda: {k: [] for k in KINDS})
     live: List[int] = field(default_factory=list)  # live tokens entering each block
-
-
-# ---------------------------------------------------------------------------------------------------------------
-def _check_counts(value: Any) -> Optional[str]:
-    if value is None:
-        return None
-    if (isinstance(value, (list, tuple)) and value
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)):
-        return None
-    return "must be a list of per-block kept token counts (ints >= 1, including CLS), or None"
 
 
 def _check_rates(value: Any) -> Optional[str]:
@@ -229,27 +110,22 @@ def _check_granularity(value: Any) -> Optional[str]:
     return "must be an int >= 1 or [prune_granularity, merge_granularity]"
 
 
-def _check_bool(value: Any) -> Optional[str]:
-    return None if isinstance(value, bool) else f"must be True or False, got {value!r}"
-
-
 @register_method
 class DiffRate(ReductionMethod):
     name = "diffrate"
     site = Site.BLOCK_MID
-    needs = frozenset({"cls_attn"})
-    prunes = True
+    needs = frozenset({Need.CLS_ATTN, Need.ATTENTION_PROBS})
     summary = ("DiffRate: per block, prune by CLS attention then merge by similarity, with learned per-layer "
                "kept counts (released tables or a rate search)")
     params = {
         "prune_kept": Param(None, "kept tokens after pruning, per block, incl. CLS (upstream set_kept_num)",
-                            _check_counts),
-        "merge_kept": Param(None, "kept tokens after merging, per block, incl. CLS", _check_counts),
+                            int_list(1, optional=True)),
+        "merge_kept": Param(None, "kept tokens after merging, per block, incl. CLS", int_list(1, optional=True)),
         "rates": Param(None, "a rate YAML file or a released table, e.g. 'deit_small@2.9' (configs/diffrate)",
                        _check_rates),
         "granularity": Param(1, "rate search: step between candidate kept counts (int, or [prune, merge])",
                              _check_granularity),
-        "prop_attn": Param(True, "proportional attention: add log(size) to the attention logits", _check_bool),
+        "prop_attn": Param(True, "proportional attention: add log(size) to the attention logits", boolean),
     }
 
     def __init__(self, geometry: Geometry, **params: Any) -> None:
@@ -275,14 +151,15 @@ class DiffRate(ReductionMethod):
             g = params.get("granularity", 1)
             self.rates = RateLogits(geometry.num_blocks, geometry.num_patches, self.num_prefix,
                                     (g, g) if isinstance(g, int) else tuple(g))
+            warnings.warn("diffrate without prune_kept / merge_kept / rates is the rate-search mode: train the rates "
+                          "(tokenreduce search-rates, or tokenreduce.train.RateSearch); in eval() it reduces with "
+                          "the counts the (untrained) rates choose now. For inference pass a released table, e.g. "
+                          "rates='deit_small@2.9'", stacklevel=4)
         else:
             # A missing list means no reduction of that kind (a count no block can reach).
             never = [2 ** 31 - 1] * geometry.num_blocks
             self.prune_kept = self._validated(prune, "prune_kept") if prune is not None else never
             self.merge_kept = self._validated(merge, "merge_kept") if merge is not None else never
-        self._training = False
-        self._run: Optional[_SearchRun] = None
-        self._eval_counts: Optional[Tuple[List[int], List[int]]] = None
 
     def _validated(self, counts: Sequence[int], what: str) -> List[int]:
         counts = list(counts)
@@ -296,14 +173,24 @@ class DiffRate(ReductionMethod):
         return counts
 
     # -----------------------------------------------------------------------------------------------------------
-    def attention_probs(self, layer: int, training: bool) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
-        # The adapter calls this before every block's reduction site: it also tells reduce() which path to take.
-        self._training = training and self.searching
-        if not self._training:
+    def needs_at(self, layer: int, training: bool = False) -> FrozenSet[str]:
+        # The rate search replaces every block's softmax and reads the CLS row from its own policy softmax.
+        if training and self.searching:
+            return frozenset({Need.ATTENTION_PROBS})
+        return frozenset({Need.CLS_ATTN})
+
+    def begin(self, training: bool) -> Any:
+        if not self.searching:
             return None
-        if layer == 0 or self._run is None:
-            self._run = _SearchRun()
-        run = self._run
+        if training:
+            return SearchRun()
+        counts = self.rates.kept_counts()  # read every forward: the logits may have changed since the last one
+        return counts["prune"], counts["merge"]
+
+    def attention_probs(self, state: TokenState):
+        if not (state.training and self.searching):
+            return None
+        run: SearchRun = state.carry
 
         def probs(logits: torch.Tensor) -> torch.Tensor:
             if run.mask is None:
@@ -316,15 +203,9 @@ class DiffRate(ReductionMethod):
         return probs
 
     def reduce(self, state: TokenState) -> TokenState:
-        if self._training:
+        if self.searching and state.training:
             return self._reduce_search(state)
-        if self.searching:
-            if state.layer == 0 or self._eval_counts is None:
-                counts = self.rates.kept_counts()
-                self._eval_counts = (counts["prune"], counts["merge"])
-            prune, merge = self._eval_counts
-        else:
-            prune, merge = self.prune_kept, self.merge_kept
+        prune, merge = state.carry if self.searching else (self.prune_kept, self.merge_kept)
         return self._reduce_fixed(state, prune[state.layer], merge[state.layer])
 
     def _reduce_fixed(self, state: TokenState, prune: int, merge: int) -> TokenState:
@@ -336,15 +217,13 @@ class DiffRate(ReductionMethod):
             source = source[:, :prune] if source is not None else None
         if merge < x.shape[1]:
             x, size, source = similarity_merge(x, size, source, merge, self.num_prefix)
-        out = state.replace(x=x, size=size, source=source)
-        out.extras["kept"] = order[:, :x.shape[1]]
-        return out
+        return state.replace(x=x, size=size, source=source, kept=order[:, :x.shape[1]])
 
     def _reduce_search(self, state: TokenState) -> TokenState:
         """Rate search (upstream's training forward): mask instead of removing, with gradients into the logits."""
-        run, layer = self._run, state.layer
-        if run is None or run.cls_attn is None:
-            raise RuntimeError("diffrate rate search needs an adapter that runs attention_probs() before the "
+        run, layer = state.carry, state.layer
+        if run.cls_attn is None:
+            raise RuntimeError("diffrate rate search needs the adapter to run attention_probs() before the "
                                "reduction site")
         mask = run.mask if run.mask is not None else state.x.new_ones(state.x.shape[:2])
         order = sort_by_importance(run.cls_attn, self.num_prefix)
@@ -366,15 +245,9 @@ class DiffRate(ReductionMethod):
         run.kept["prune"].append(prune)
         run.kept["merge"].append(merge)
         run.live.append(live)
-        return state.replace(x=x, size=size, source=source)
+        return state.replace(x=x, size=size, source=source, carry=run)
 
     # -----------------------------------------------------------------------------------------------------------
-    def last_search(self) -> _SearchRun:
-        """What the last rate-search (training) forward chose: kept-count tensors per block, live tokens."""
-        if self._run is None or len(self._run.live) != self.geometry.num_blocks:
-            raise RuntimeError("no complete rate-search forward yet: call the model in train() mode first")
-        return self._run
-
     def kept_counts(self) -> Dict[str, List[int]]:
         """The per-block counts in use (fixed) or chosen by the logits now (search)."""
         if self.searching:

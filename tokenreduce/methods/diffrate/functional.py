@@ -8,13 +8,13 @@ K" always means "keep positions ``0 .. K-1``". Kept counts include the prefix to
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .matching import best_match
-from .merge import gather_tokens, merge_mean, merge_source
+from ...core import CostModel
+from ...ops.matching import best_match
+from ...ops.merge import gather_tokens, merge_mean, merge_source
 
 Count = Union[int, float, torch.Tensor]
 
@@ -197,49 +197,32 @@ def softmax_with_policy(logits: torch.Tensor, policy: torch.Tensor, eps: float =
 
 # ---------------------------------------------------------------------------------------------------------------
 # FLOPs model (DiffRate's own analytic counter, multiply-accumulates per image)
-@dataclass(frozen=True)
-class FlopCost:
-    """Coefficients of DiffRate's analytic MAC model of a ViT.
-
-    ``F = constant + sum_l [attn_linear_l N_l + attn_quadratic_l N_l^2 + mlp_l N_{l+1}]`` with ``N_0 = num_tokens``
-    and ``N_{l+1} = min(N_l, P_l, M_l)``; a standard ViT of width C has ``attn_linear = 4C²`` (qkv + proj),
-    ``attn_quadratic = 2C`` (``QKᵀ`` and ``PV``), ``mlp = 8C²`` (ratio 4), and ``constant`` = patch embedding on
-    all ``num_tokens`` (upstream counts CLS too) + classifier.
-    """
-
-    num_tokens: int
-    constant: float
-    attn_linear: Tuple[float, ...]
-    attn_quadratic: Tuple[float, ...]
-    mlp: Tuple[float, ...]
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.mlp)
-
-
-def rate_flops(prune_kept: Sequence[Count], merge_kept: Sequence[Count], cost: FlopCost) -> Count:
-    """DiffRate's MACs per image for per-block kept counts (upstream's ``calculate_flop_training/inference``).
+def rate_flops(prune_kept: Sequence[Count], merge_kept: Sequence[Count], cost: CostModel, num_tokens: int) -> Count:
+    """DiffRate's MACs per image for per-block kept counts (upstream's ``calculate_flop_training/inference``):
+    ``cost.constant + sum_l [attn_linear_l N_l + attn_quadratic_l N_l² + mlp_l N_{l+1}]`` with ``N_0 = num_tokens``
+    and ``N_{l+1} = min(N_l, P_l, M_l)``.
 
     Args:
         prune_kept, merge_kept: one count per block, incl. prefix tokens; ints (inference) or scalar tensors
             with gradient (rate search: then ``N_{l+1}`` is :func:`ste_min`, so the gradient reaches both counts).
-        cost: the model's coefficients.
+        cost: the adapter's MAC model (upstream charges the patch embedding for the prefix tokens too: add
+            ``prefix · cost.embed_per_token`` to its constant for upstream's number).
+        num_tokens: tokens entering the first block, prefix included.
 
     Returns:
         A float for int counts, else a scalar tensor in the counts' dtype.
     """
-    if len(prune_kept) != cost.num_blocks or len(merge_kept) != cost.num_blocks:
-        raise ValueError(f"need {cost.num_blocks} kept counts per kind, got {len(prune_kept)} and {len(merge_kept)}")
+    if len(prune_kept) != cost.num_layers or len(merge_kept) != cost.num_layers:
+        raise ValueError(f"need {cost.num_layers} kept counts per kind, got {len(prune_kept)} and {len(merge_kept)}")
     tensors = [c for c in list(prune_kept) + list(merge_kept) if torch.is_tensor(c)]
     if tensors:
         ref = tensors[0]
         as_t = (lambda v: v if torch.is_tensor(v) else torch.tensor(float(v), dtype=ref.dtype, device=ref.device))
-        n: Count = as_t(cost.num_tokens)
+        n: Count = as_t(num_tokens)
         total: Count = as_t(cost.constant)
     else:
-        n, total = cost.num_tokens, float(cost.constant)
-    for l in range(cost.num_blocks):
+        n, total = num_tokens, float(cost.constant)
+    for l in range(cost.num_layers):
         total = total + cost.attn_linear[l] * n + cost.attn_quadratic[l] * n * n
         if tensors:
             n = ste_min(n, as_t(prune_kept[l]), as_t(merge_kept[l]))

@@ -1,0 +1,22 @@
+"""The contracts between adapters and methods. Imports nothing else of the package and registers nothing.
+
+- :class:`TokenState` — the tokens at a reduction site; :class:`ReductionInfo` — what ``info()`` reports;
+- :class:`ForwardRecord` — the per-forward record every adapter keeps;
+- :class:`Site`, :class:`Need` — where a method acts and what it reads;
+- :class:`Geometry` — what a method knows of the model; :class:`Param` and the shared validators;
+- :class:`ReductionMethod` — the base of every method; the method and adapter registries.
+"""
+from . import params
+from .geometry import CostModel, Geometry
+from .method import ReductionMethod, all_needs
+from .params import Param
+from .record import ForwardRecord, LayerRecord, Status, Taps
+from .registry import (COMMON_PARAMS, adapters, get_method, list_methods, method_params, register_adapter,
+                       register_method, resolve_params)
+from .requirements import ATTENTION_NEEDS, NEEDS, Need, Site
+from .state import ReductionInfo, TokenState
+
+__all__ = ["ATTENTION_NEEDS", "COMMON_PARAMS", "CostModel", "ForwardRecord", "Geometry", "LayerRecord", "NEEDS", "Need",
+           "Param", "ReductionInfo", "ReductionMethod", "Site", "Status", "Taps", "TokenState", "adapters",
+           "all_needs", "get_method", "list_methods", "method_params", "params", "register_adapter",
+           "register_method", "resolve_params"]

@@ -1,0 +1,102 @@
+"""What a method is: a small object that turns the token state at a reduction site into a smaller one.
+
+A method class declares next to its code where it acts (``site``), what it reads (``needs``, per layer with
+:meth:`ReductionMethod.needs_at`), and its parameters (``params``: defaults, validation, the papers' names as
+aliases). Its constructor receives the model's :class:`Geometry` and the validated parameters and resolves any
+schedule once, so a forward only reads static per-layer values. Between forwards a method holds no state: what
+one forward needs to pass from site to site is its ``carry`` (:meth:`begin`), which the adapter threads through
+:class:`TokenState` and drops afterwards.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Dict, FrozenSet, Optional
+
+import torch
+
+from .geometry import Geometry
+from .params import Param
+from .requirements import Need, Site
+from .state import TokenState
+
+ProbsFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class ReductionMethod:
+    """Base class of every method.
+
+    Class attributes a subclass sets:
+        name: the registry name (``patch(model, name)``).
+        summary: one line for ``tokenreduce methods``.
+        site: where it acts.
+        needs: what it may read (:class:`Need` values); :meth:`needs_at` narrows it per layer.
+        params: ``{name: Param}``.
+        positions: at ``Site.LLM_LAYER``: ``"keep"`` (kept tokens keep their RoPE positions; FastV, DART) or
+            ``"renumber"`` (positions are renumbered 0..S'-1 after every site and each layer's decode position is
+            its own cache length; PyramidDrop, SparseVLM).
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    site: ClassVar[Site] = Site.BLOCK_MID
+    needs: ClassVar[FrozenSet[str]] = frozenset()
+    params: ClassVar[Dict[str, Param]] = {}
+    positions: ClassVar[str] = "keep"
+
+    def __init__(self, geometry: Geometry, **params: Any) -> None:
+        self.geometry = geometry
+        self.config = dict(params)
+        self.prop_attn: bool = bool(params.get("prop_attn", False))
+
+    # -- the schedule ------------------------------------------------------------------------------------------
+    def acts_at(self, layer: int) -> bool:
+        """Whether the method may change the tokens at this layer's site (static, resolved at patch time)."""
+        return True
+
+    def needs_at(self, layer: int, training: bool = False) -> FrozenSet[str]:
+        """What the method reads at this layer (nothing where it does not act)."""
+        return frozenset(self.needs) if self.acts_at(layer) else frozenset()
+
+    def num_output(self, num_tokens: int) -> Optional[int]:
+        """Tokens a ``TOWER_OUT`` method returns per image for ``num_tokens`` input tokens (prefix included), or
+        None when the count depends on the content. Serving (vLLM) needs it before the encoder runs."""
+        return None
+
+    # -- one forward -------------------------------------------------------------------------------------------
+    def begin(self, training: bool) -> Any:
+        """The method's per-forward value (``TokenState.carry`` at the first site); None by default."""
+        return None
+
+    def attention_bias(self, size: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Additive attention bias from the token sizes: ``log(size)`` as ``[B, 1, 1, N]`` with proportional
+        attention, None otherwise (and while no token was merged, so the fastest SDPA kernel can run)."""
+        if not self.prop_attn or size is None:
+            return None
+        return size.log()[:, None, None, :]
+
+    def attention_probs(self, state: TokenState) -> Optional[ProbsFn]:
+        """With ``Need.ATTENTION_PROBS``: a replacement for the softmax of this layer's attention, or None.
+
+        Called before the layer's attention with the state entering the layer (``carry`` included). The function
+        maps the logits ``[B, H, N, N]`` (scaled ``q·kᵀ`` plus the attention bias) to probabilities of the same
+        shape; the adapter then evaluates that layer's attention eagerly with them. Only a method whose gradient
+        must flow through the probabilities (DiffRate's rate search) or that merges the attention map itself
+        (MCTF) needs this; every other layer keeps fused attention.
+        """
+        return None
+
+    def reduce(self, state: TokenState) -> TokenState:  # pragma: no cover - abstract
+        """The smaller state. Return ``state`` itself to change nothing."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+        return f"{type(self).__name__}({args})"
+
+
+def all_needs(method: ReductionMethod, num_layers: int) -> FrozenSet[str]:
+    """Everything ``method`` reads at any layer, in inference and in training."""
+    out = set()
+    for layer in range(num_layers):
+        for training in (False, True):
+            out |= method.needs_at(layer, training)
+    return frozenset(n.value if isinstance(n, Need) else n for n in out)
