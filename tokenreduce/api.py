@@ -56,7 +56,7 @@ def patch(model: nn.Module, method: Optional[str] = None, *, config: Optional[st
     adapter_cls = find_adapter(model)
     method_cls = get_method(method)
     resolved = resolve_params(method, params)
-    site = method_cls.site
+    site = method_cls.site_for(resolved)
     if site not in adapter_cls.provides:
         raise ValueError(f"{method} acts at '{site.value}', which {type(model).__name__} does not offer (it offers: "
                          f"{', '.join(sorted(s.value for s in adapter_cls.provides))}); models that offer "

@@ -27,7 +27,8 @@ class ReductionMethod:
     Class attributes a subclass sets:
         name: the registry name (``patch(model, name)``).
         summary: one line for ``tokenreduce methods``.
-        site: where it acts.
+        site: where it acts. A method whose site depends on its configuration (MCTF's ``one_step_ahead``) also
+            overrides :meth:`site_for`; the instance's ``site`` is the configured one.
         needs: what it may read (:class:`Need` values); :meth:`needs_at` narrows it per layer.
         params: ``{name: Param}``.
         positions: at ``Site.LLM_LAYER``: ``"keep"`` (kept tokens keep their RoPE positions; FastV, DART) or
@@ -37,7 +38,7 @@ class ReductionMethod:
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
-    site: ClassVar[Site] = Site.BLOCK_MID
+    site: Site = Site.BLOCK_MID  # a class default; the instance holds the configured site (site_for)
     needs: ClassVar[FrozenSet[str]] = frozenset()
     params: ClassVar[Dict[str, Param]] = {}
     positions: ClassVar[str] = "keep"
@@ -46,6 +47,14 @@ class ReductionMethod:
         self.geometry = geometry
         self.config = dict(params)
         self.prop_attn: bool = bool(params.get("prop_attn", False))
+        self.site: Site = type(self).site_for(params)
+
+    @classmethod
+    def site_for(cls, params: Dict[str, Any]) -> Site:
+        """Where a method configured with ``params`` (validated, defaults filled) acts: ``cls.site`` unless a
+        subclass makes it depend on its configuration. ``patch`` checks this site against the model's adapter
+        before the method is built; the host reads the instance's ``site``."""
+        return cls.site
 
     # -- the schedule ------------------------------------------------------------------------------------------
     def acts_at(self, layer: int) -> bool:
