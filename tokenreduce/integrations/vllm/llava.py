@@ -6,25 +6,24 @@ installed, every method is inherited). With one (``hf_overrides={"tokenreduce": 
 
 - the processing info reports the reduced number of image tokens, so vLLM's prompt update writes exactly that many
   placeholders and the scheduler, KV cache and ``prompt_token_ids`` see the shorter prompt;
-- every encoder layer of the (feature-layer-truncated) CLIP tower gets an instance ``forward`` that re-composes
-  vLLM's own submodules (``layer_norm1``, ``self_attn.qkv_proj`` / ``attn`` / ``out_proj``, ``layer_norm2``,
-  ``mlp``) so that the method's site sits where tokenreduce puts it on Hugging Face (between the attention residual
-  and the MLP, after the layer, or at the feature layer's output). Queries and keys are the ``qkv_proj`` output the
-  layer computes anyway (all-gathered over tensor-parallel ranks only at layers where the method reads them), so the
-  CLS attention row is one ``q_cls·Kᵀ``; vLLM's fused encoder attention runs unchanged unless proportional
-  attention must add ``log(size)``, which then goes to ``F.scaled_dot_product_attention`` as an additive mask;
+- every encoder layer of the (feature-layer-truncated) CLIP tower runs through tokenreduce's own layer host (the loop
+  its timm and Hugging Face CLIP adapters use) with :class:`VllmClipFamily`, which re-composes vLLM's submodules
+  (``layer_norm1``, ``self_attn``, ``layer_norm2``, ``mlp``) so the method's site sits where tokenreduce puts it on
+  Hugging Face. Queries and keys are the ``qkv_proj`` output the layer computes anyway (all-gathered over
+  tensor-parallel ranks only where the method reads them), so the CLS attention row is one ``q_cls·Kᵀ``; vLLM's
+  fused encoder attention runs unchanged unless proportional attention must add ``log(size)``;
+- a ``TOWER_OUT`` method (VisionZip) runs on the feature layer's output, CLS included, with that layer's q/k;
 - ``_image_pixels_to_features`` runs the tower with a fresh per-forward run and checks that exactly the promised
   number of embeddings per image comes back.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 import logging
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, FrozenSet, Optional, Tuple
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from vllm.distributed import tensor_model_parallel_all_gather
@@ -118,75 +117,72 @@ def _build_processor(info: Any, dummy_inputs: Any) -> Any:
 # ---------------------------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------------------------
-class TowerReducer:
-    """Runs a plan inside a vLLM ``CLIPVisionModel``: one instance ``forward`` per encoder layer, one run per
-    forward."""
+class VllmClipFamily(_bridge.LayerFamily):
+    """How vLLM's ``CLIPEncoderLayer`` is built, for tokenreduce's layer host.
 
-    def __init__(self, tower: CLIPVisionModel, plan: _bridge.Plan) -> None:
-        if not isinstance(tower, CLIPVisionModel):
-            raise _bridge.Unsupported(f"tokenreduce reduces vLLM's CLIPVisionModel; this tower is "
-                                      f"{type(tower).__name__}")
-        layers = list(tower.vision_model.encoder.layers)
-        if len(layers) != plan.tower.num_layers:
-            raise RuntimeError(f"vLLM built {len(layers)} tower layers, the plan expects {plan.tower.num_layers}")
-        self.plan = plan
-        self.run: Optional[_bridge.Run] = None
-        for i, layer in enumerate(layers):
-            if not isinstance(layer, CLIPEncoderLayer):
-                raise _bridge.Unsupported(f"tower layer {i} is a {type(layer).__name__}, not vLLM's CLIPEncoderLayer")
-            layer.forward = functools.partial(self._layer_forward, layer, i, layer.forward)
+    vLLM fuses q/k/v into one ``qkv_proj`` (a tensor-parallel linear returning ``(output, bias)``); its encoder
+    attention takes no mask. So the taps read the q, k or v slice of the ``qkv_proj`` output (all-gathered over
+    tensor-parallel ranks, so a method sees every head in order on every rank and all ranks select the same tokens),
+    and a layer that needs an additive mask (proportional attention after a merge) runs its attention as
+    ``F.scaled_dot_product_attention`` on the same projections; every other layer runs vLLM's own attention.
+    """
 
-    @contextlib.contextmanager
-    def forward(self) -> Iterator[_bridge.Run]:
-        self.run = self.plan.begin()
-        try:
-            yield self.run
-        finally:
-            self.run = None
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn
 
-    def _layer_forward(self, layer: CLIPEncoderLayer, i: int, original: Any, hidden_states: torch.Tensor):
-        """``[B, N, C]`` -> ``[B, N', C]``: vLLM's CLIPEncoderLayer with the method's site placed in it."""
-        run = self.run
-        if run is None:  # the tower called outside _image_pixels_to_features: unchanged
-            return original(hidden_states)
-        plan = self.plan
-        bias = run.attention_bias(hidden_states.shape[1])
-        acts = plan.acts[i]
-        if not acts and bias is None:
-            return original(hidden_states)
-        x = hidden_states
-        attn_out, q, k = self._attention(layer, layer.layer_norm1(x), bias, run.wants_qk(i))
-        x = x + attn_out
-        if acts and plan.site_mid:
-            x = run.reduce(x, i, q, k, bias)
-        x = x + layer.mlp(layer.layer_norm2(x))
-        if acts and not plan.site_mid:
-            x = run.reduce(x, i, q, k, bias)
-        return x
+    def norm1(self, layer: nn.Module) -> nn.Module:
+        return layer.layer_norm1
 
-    @staticmethod
-    def _attention(layer: CLIPEncoderLayer, h: torch.Tensor, bias: Optional[torch.Tensor], want_qk: bool):
-        """vLLM's CLIPAttention, returning its output ``[B, N, C]`` and, when asked, the queries and keys of all
-        heads ``[B, N, H·d]`` (gathered over tensor-parallel ranks). With a bias, the attention itself is
-        ``F.scaled_dot_product_attention`` with that additive mask (vLLM's encoder attention takes no mask)."""
+    def norm2(self, layer: nn.Module) -> nn.Module:
+        return layer.layer_norm2
+
+    def mlp(self, layer: nn.Module) -> nn.Module:
+        return layer.mlp
+
+    def attend(self, layer: nn.Module, h: torch.Tensor, mask: Optional[torch.Tensor], kwargs: Dict[str, Any]
+               ) -> torch.Tensor:
+        """``h [B, N, C]`` (normalised) -> the attention branch ``[B, N, C]``."""
         attn = layer.self_attn
+        if mask is None:
+            return attn(hidden_states=h)[0]
         qkv, _ = attn.qkv_proj(h)
-        q, k, v = qkv.chunk(3, dim=-1)
-        if bias is None:
-            out = attn.attn(q, k, v)
-        else:
-            b, n, _ = q.shape
-            heads, d = attn.num_heads_per_partition, attn.head_dim
-            q4, k4, v4 = (t.reshape(b, n, heads, d).transpose(1, 2) for t in (q, k, v))
-            out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=bias.to(q.dtype), scale=attn.scale)
-            out = out.transpose(1, 2).reshape(b, n, heads * d)
-        out, _ = attn.out_proj(out)
-        if not want_qk:
-            return out, None, None
-        if attn.tp_size > 1:  # each rank holds a slice of the heads; the method reads all of them, in head order
-            q = tensor_model_parallel_all_gather(q.contiguous(), dim=-1)
-            k = tensor_model_parallel_all_gather(k.contiguous(), dim=-1)
-        return out, q, k
+        b, n, _ = h.shape
+        heads, d = attn.num_heads_per_partition, attn.head_dim
+        q, k, v = (t.reshape(b, n, heads, d).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+        if mask.dtype != torch.bool:
+            mask = mask.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
+        return attn.out_proj(out.transpose(1, 2).reshape(b, n, heads * d))[0]
+
+    def tap_modules(self, layer: nn.Module, names: FrozenSet[str]) -> Dict[str, nn.Module]:
+        return {name: layer.self_attn.qkv_proj for name in names}
+
+    def to_heads(self, layer: nn.Module, name: str, output: Any) -> torch.Tensor:
+        """The ``qkv_proj`` output -> ``[B, H, N, d]`` of q, k or v over all heads."""
+        attn = layer.self_attn
+        qkv = output[0] if isinstance(output, tuple) else output
+        t = qkv.chunk(3, dim=-1)["qkv".index(name)]
+        if attn.tp_size > 1:
+            t = tensor_model_parallel_all_gather(t.contiguous(), dim=-1)
+        b, n, _ = t.shape
+        return t.view(b, n, attn.num_heads, attn.head_dim).transpose(1, 2)
+
+    def num_heads(self, layer: nn.Module) -> int:
+        return int(layer.self_attn.num_heads)
+
+    def scale(self, layer: nn.Module) -> float:
+        return float(layer.self_attn.scale)
+
+
+def tower_reducer(tower: Any, plan: _bridge.Plan) -> _bridge.TowerReducer:
+    """Install ``plan`` in vLLM's ``CLIPVisionModel`` (Unsupported for any other tower)."""
+    if not isinstance(tower, CLIPVisionModel):
+        raise _bridge.Unsupported(f"tokenreduce reduces vLLM's CLIPVisionModel; this tower is {type(tower).__name__}")
+    layers = list(tower.vision_model.encoder.layers)
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, CLIPEncoderLayer):
+            raise _bridge.Unsupported(f"tower layer {i} is a {type(layer).__name__}, not vLLM's CLIPEncoderLayer")
+    return _bridge.TowerReducer(plan, VllmClipFamily(), layers)
 
 
 @MULTIMODAL_REGISTRY.register_processor(_build_processor, info=_build_info, dummy_inputs=LlavaDummyInputsBuilder)
@@ -196,7 +192,7 @@ class TokenReduceLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         plan = plan_for(vllm_config.model_config.hf_config)
-        self._tokenreduce = TowerReducer(self.vision_tower, plan) if plan is not None else None
+        self._tokenreduce = tower_reducer(self.vision_tower, plan) if plan is not None else None
 
     def _image_pixels_to_features(self, vision_tower: Any, pixel_values: Any) -> Any:
         reducer = self._tokenreduce
@@ -207,6 +203,8 @@ class TokenReduceLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         strategy = "full" if plan.at_output else self.config.vision_feature_select_strategy
         with reducer.forward():
             features = vision_tower(pixel_values, feature_select_strategy=strategy)
+            if plan.at_output:
+                features = reducer.at_output(features)
         got = features.shape[1] if torch.is_tensor(features) else {int(f.shape[0]) for f in features}
         if got != plan.tokens_per_image:
             raise RuntimeError(f"tokenreduce promised vLLM {plan.tokens_per_image} image tokens per image but "
