@@ -65,6 +65,11 @@ class ReductionMethod:
         """What the method reads at this layer (nothing where it does not act)."""
         return frozenset(self.needs) if self.acts_at(layer) else frozenset()
 
+    def missing_needs_hint(self, missing: FrozenSet[str]) -> str:
+        """What to configure instead when a model cannot provide ``missing`` (needs this configuration reads), as
+        a sentence that ``patch`` appends to its refusal; empty when there is no alternative."""
+        return ""
+
     def num_output(self, num_tokens: int) -> Optional[int]:
         """Tokens a ``TOWER_OUT`` method returns per image for ``num_tokens`` input tokens (prefix included), or
         None when the count depends on the content. Serving (vLLM) needs it before the encoder runs."""
