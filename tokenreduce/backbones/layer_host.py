@@ -268,13 +268,15 @@ class LayerHost:
 
     # -- install -----------------------------------------------------------------------------------------------
     def install(self, patcher: Patcher, method: ReductionMethod, trace_source: bool) -> None:
-        self.trace_source = bool(trace_source)
         self.site = method.site
         n = len(self.layers)
         self.acts = [i < self.num_sites and method.acts_at(i) for i in range(n)]
         # What each layer reads, in eval and in training (a method may read differently when training).
         self.needs_by_mode = {mode: [frozenset(method.needs_at(i, mode)) if self.acts[i] else frozenset()
                                      for i in range(n)] for mode in (False, True)}
+        # Sources are traced from the first layer on, for every layer, when any layer declares Need.SOURCE.
+        self.trace_source = bool(trace_source) or any(Need.SOURCE in needs for per_layer in
+                                                      self.needs_by_mode.values() for needs in per_layer)
         for i, layer in enumerate(self.layers):
             patcher.set_forward(layer, LayerForward(self, i))
             if self.site == Site.BLOCK_IN:

@@ -36,6 +36,8 @@ class Need(str, enum.Enum):
     # -- changing how the model runs
     ATTENTION_PROBS = "attention_probs"  # the method replaces a layer's softmax (DiffRate search, MCTF)
     VALID = "valid"                      # [B, N] bool real tokens; the method may return a per-sample count
+    SOURCE = "source"                    # [B, N, N0] sources traced from the input even without trace_source=True
+                                         # (a method whose reference reports them, e.g. LTMP, EViT's fused token)
     # -- inside a vision-language model
     IMAGE_MASK = "image_mask"            # [B, N] bool: visual tokens (LLM sites)
     POSITIONS = "positions"              # [B, N] position of each token in its own unpadded prompt (LLM sites)
@@ -54,7 +56,7 @@ ATTENTION_NEEDS: FrozenSet[str] = frozenset({Need.KEYS, Need.KEYS_PER_HEAD, Need
 
 #: What a site offers by default in a ViT-like layer host (adapters copy and extend this).
 VISION_BLOCK_NEEDS: FrozenSet[str] = frozenset({Need.KEYS, Need.KEYS_PER_HEAD, Need.VALUES_PER_HEAD, Need.CLS_ATTN,
-                                                Need.CLS_ATTN_PER_HEAD, Need.ATTN, Need.ATTN_ROWS})
+                                                Need.CLS_ATTN_PER_HEAD, Need.ATTN, Need.ATTN_ROWS, Need.SOURCE})
 
 
 def need_names(needs) -> FrozenSet[str]:

@@ -97,7 +97,8 @@ class ReductionInfo:
 
     Attributes:
         size: ``[B, N]`` float, input tokens each output token stands for (0 for padding).
-        source: ``[B, N, N0]`` 0/1, or None unless the model was patched with ``trace_source=True``.
+        source: ``[B, N, N0]`` 0/1, or None unless the model was patched with ``trace_source=True`` or the
+            method declares ``Need.SOURCE``.
         tokens_per_layer: tokens entering each block (the largest count in the batch where counts differ).
         macs: analytic multiply-accumulates per image of the last forward, a plain Python int (the convention
             of timm and fvcore, which call this number "FLOPs"; see ``tokenreduce.ops.macs``).
