@@ -9,6 +9,7 @@ from . import dart  # noqa: F401,E402  (registers "dart")
 from . import diffrate  # noqa: F401,E402  (registers "diffrate")
 from . import zero_tprune  # noqa: F401,E402  (registers "zero_tprune")
 from . import baselines  # noqa: F401,E402  (registers "random", "topk_attn")
+from . import mctf  # noqa: F401,E402  (registers "mctf")
 
 __all__ = ["Geometry", "Param", "ReductionMethod", "Site", "get_method", "list_methods", "method_params",
            "register_method"]
