@@ -40,10 +40,6 @@ def pytest_collection_modifyitems(config, items):
 # ---------------------------------------------------------------------------------------------------------------
 # Fixtures: one tiny LLaVA on disk, its HF twin, images and prompts
 # ---------------------------------------------------------------------------------------------------------------
-MAX_TOKENS = 4
-TOP_K = 5
-
-
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     """``(path, hf_model)``: a tiny random LLaVA written for vLLM, and the HF model holding the same weights."""

@@ -117,18 +117,19 @@ def make_plan(spec: Any, tower: Tower) -> Plan:
     """
     name, given = parse_spec(spec)
     cls = get_method(name)
-    if cls.site not in TOWER_SITES:
+    resolved = resolve_params(name, given)
+    site = cls.site_for(resolved)  # a method's site may depend on its configuration
+    if site not in TOWER_SITES:
         raise Unsupported(
-            f"{name} acts inside the language model ({cls.site.value}); vLLM fixes each image's placeholder count "
+            f"{name} acts inside the language model ({site.value}); vLLM fixes each image's placeholder count "
             "before the encoder runs and keeps every prompt token in its paged KV cache, so there is no site for it. "
             f"Serve a method that acts in the vision tower ({', '.join(servable_methods())}), or run {name} with "
             "tokenreduce.patch on a Hugging Face model")
-    resolved = resolve_params(name, given)
     if resolved.get("trace_source"):
         raise Unsupported("trace_source records merges for tokenreduce.info(), which a vLLM engine does not offer; "
                           "drop it from hf_overrides['tokenreduce']")
     method = build_method(name, tower.geometry(), **given)  # raises for a budget the tower cannot give
-    plan = Plan(name, dict(given), tower, method, at_output=cls.site == Site.TOWER_OUT)
+    plan = Plan(name, dict(given), tower, method, at_output=method.site == Site.TOWER_OUT)
     out = output_tokens(plan)
     plan.tokens_per_image = out - (1 if tower.drops_cls and not plan.at_output else 0)
     if plan.tokens_per_image < 1:
@@ -188,7 +189,7 @@ def _reduce(rec: ForwardRecord, method: ReductionMethod, x: torch.Tensor, layer:
 
 def servable_methods() -> List[str]:
     """Registered methods that act in a vision tower (whether a budget is servable is :func:`make_plan`'s call)."""
-    return [m for m in list_methods() if get_method(m).site in TOWER_SITES]
+    return [m for m in list_methods() if get_method(m).site in TOWER_SITES]  # default configuration
 
 
 # ---------------------------------------------------------------------------------------------------------------
