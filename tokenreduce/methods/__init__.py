@@ -10,6 +10,7 @@ from . import diffrate  # noqa: F401,E402  (registers "diffrate")
 from . import zero_tprune  # noqa: F401,E402  (registers "zero_tprune")
 from . import baselines  # noqa: F401,E402  (registers "random", "topk_attn")
 from . import mctf  # noqa: F401,E402  (registers "mctf")
+from . import tofu  # noqa: F401,E402  (registers "tofu")
 from . import kmedoids  # noqa: F401,E402  (registers "kmedoids")
 from . import dpc_knn  # noqa: F401,E402  (registers "dpc_knn")
 
