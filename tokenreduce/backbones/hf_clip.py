@@ -138,7 +138,7 @@ class EncoderDone:
 class HFClipVisionAdapter(Adapter):
     name = ("transformers CLIPVisionModel / CLIPVisionModelWithProjection (transformers >= 5, CLIPEncoderLayer "
             "with CLIPAttention; sdpa or eager attention)")
-    provides = {site: VISION_BLOCK_NEEDS | {Need.VALID} for site in (Site.BLOCK_MID, Site.BLOCK_OUT)}
+    provides = {site: VISION_BLOCK_NEEDS | {Need.VALID} for site in (Site.BLOCK_IN, Site.BLOCK_MID, Site.BLOCK_OUT)}
 
     @classmethod
     def claims(cls, model: nn.Module) -> bool:
