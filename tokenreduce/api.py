@@ -66,9 +66,10 @@ def patch(model: nn.Module, method: Optional[str] = None, *, config: Optional[st
     offered = adapter_cls.provides[site]
     missing = all_needs(instance, instance.geometry.num_blocks) - need_names(offered)
     if missing:
+        hint = instance.missing_needs_hint(frozenset(missing))  # what to configure instead, if anything
         raise ValueError(f"{method} (as configured) reads {sorted(missing)}, which the adapter for "
                          f"{type(model).__name__} cannot provide at '{site.value}' (it provides: "
-                         f"{', '.join(sorted(need_names(offered)))})")
+                         f"{', '.join(sorted(need_names(offered)))})" + (f". {hint}" if hint else ""))
     adapter.check_method(instance)
     if not any(instance.acts_at(layer) for layer in range(instance.geometry.num_blocks)):
         given = {k: v for k, v in params.items() if k not in COMMON_PARAMS}
