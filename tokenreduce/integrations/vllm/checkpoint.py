@@ -81,9 +81,10 @@ def llava_config(shape: Shape) -> Any:
         pad_token_id=0)
 
 
-def random_llava(shape: Shape, seed: int = 0, noise: float = 0.05) -> torch.nn.Module:
-    """A random float32 ``LlavaForConditionalGeneration`` in eval mode. Extra weight noise keeps attention far from
-    uniform, so selections are far from ties and float32 kernels agree on them."""
+def random_llava(shape: Shape, seed: int = 0, noise: float = 0.05,
+                 dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A random ``LlavaForConditionalGeneration`` in eval mode (float32 by default). Extra weight noise keeps
+    attention far from uniform, so selections are far from ties and float32 kernels agree on them."""
     import transformers
 
     torch.manual_seed(seed)
@@ -92,7 +93,7 @@ def random_llava(shape: Shape, seed: int = 0, noise: float = 0.05) -> torch.nn.M
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * noise)
-    return model.float().eval()
+    return model.to(dtype).eval()
 
 
 def vllm_weight_names(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -133,7 +134,8 @@ def build_processor(shape: Shape, tokenizer: Any) -> Any:
 
 
 def write_checkpoint(path: Path, shape: Optional[Shape] = None, seed: int = 0,
-                     model: Optional[torch.nn.Module] = None) -> torch.nn.Module:
+                     model: Optional[torch.nn.Module] = None, dtype: torch.dtype = torch.float32,
+                     noise: float = 0.05) -> torch.nn.Module:
     """Write a servable checkpoint to ``path`` and return the HF model whose weights it holds.
 
     ``path`` gets ``config.json``, ``model.safetensors`` (vision keys renamed for vLLM), the tokenizer files and the
@@ -144,7 +146,8 @@ def write_checkpoint(path: Path, shape: Optional[Shape] = None, seed: int = 0,
     shape = shape or Shape.tiny()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model = model if model is not None else random_llava(shape, seed)
+    model = model if model is not None else random_llava(shape, seed, noise, dtype)
+    model.config.dtype = dtype  # vLLM's dtype="auto" follows it
     model.config.save_pretrained(path)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     save_file(vllm_weight_names(state), str(path / "model.safetensors"), metadata={"format": "pt"})
