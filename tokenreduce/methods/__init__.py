@@ -13,6 +13,7 @@ from . import mctf  # noqa: F401,E402  (registers "mctf")
 from . import tofu  # noqa: F401,E402  (registers "tofu")
 from . import kmedoids  # noqa: F401,E402  (registers "kmedoids")
 from . import dpc_knn  # noqa: F401,E402  (registers "dpc_knn")
+from . import evit  # noqa: F401,E402  (registers "evit")
 
 __all__ = ["Geometry", "Param", "ReductionMethod", "Site", "get_method", "list_methods", "method_params",
            "register_method"]
