@@ -14,6 +14,7 @@ from . import tofu  # noqa: F401,E402  (registers "tofu")
 from . import kmedoids  # noqa: F401,E402  (registers "kmedoids")
 from . import dpc_knn  # noqa: F401,E402  (registers "dpc_knn")
 from . import evit  # noqa: F401,E402  (registers "evit")
+from . import ppt  # noqa: F401,E402  (registers "ppt")
 
 __all__ = ["Geometry", "Param", "ReductionMethod", "Site", "get_method", "list_methods", "method_params",
            "register_method"]
