@@ -15,7 +15,7 @@ import torch.nn as nn
 from . import backbones  # noqa: F401  (registers the built-in adapters)
 from . import methods  # noqa: F401  (registers the built-in methods)
 from .backbones.base import Adapter, families_offering, find_adapter
-from .core import (COMMON_PARAMS, Geometry, ReductionInfo, ReductionMethod, all_needs, get_method,
+from .core import (COMMON_PARAMS, Geometry, ReductionInfo, ReductionMethod, Site, all_needs, get_method,
                    list_methods, method_params, resolve_params)
 from .core.requirements import need_names
 
@@ -64,14 +64,16 @@ def patch(model: nn.Module, method: Optional[str] = None, *, config: Optional[st
     adapter = adapter_cls(model)
     instance = build_method(method, adapter.geometry(site), **resolved)
     offered = adapter_cls.provides[site]
-    missing = all_needs(instance, instance.geometry.num_blocks) - need_names(offered)
+    # An LLM site may also act after the last decoder layer (before the final norm).
+    num_sites = instance.geometry.num_blocks + (1 if site == Site.LLM_LAYER else 0)
+    missing = all_needs(instance, num_sites) - need_names(offered)
     if missing:
         hint = instance.missing_needs_hint(frozenset(missing))  # what to configure instead, if anything
         raise ValueError(f"{method} (as configured) reads {sorted(missing)}, which the adapter for "
                          f"{type(model).__name__} cannot provide at '{site.value}' (it provides: "
                          f"{', '.join(sorted(need_names(offered)))})" + (f". {hint}" if hint else ""))
     adapter.check_method(instance)
-    if not any(instance.acts_at(layer) for layer in range(instance.geometry.num_blocks)):
+    if not any(instance.acts_at(layer) for layer in range(num_sites)):
         given = {k: v for k, v in params.items() if k not in COMMON_PARAMS}
         warnings.warn(f"{method} with {given or 'its defaults'} reduces nothing in this "
                       f"{instance.geometry.num_blocks}-block model: the patched model computes exactly what the "

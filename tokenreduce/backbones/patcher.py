@@ -12,7 +12,8 @@ inner ``_old_forward`` instead, so accelerate's device hooks still run around to
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Tuple
+import inspect
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch.nn as nn
 
@@ -87,5 +88,29 @@ class Original:
 
     @property
     def function(self) -> Callable:
-        """The underlying function (for ``inspect.signature``)."""
+        """The underlying function."""
         return self.fn
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        """The signature of the method as called (without ``self``), so code that inspects a patched method —
+        transformers' ``generate`` validates its kwargs against ``forward``'s — sees the original one."""
+        sig = inspect.signature(self.fn)
+        if self.bound:
+            return sig
+        return sig.replace(parameters=list(sig.parameters.values())[1:])
+
+
+class Replacement:
+    """Base of the callables a patch installs in place of a method: they present the original's signature and
+    docstring (as ``functools.wraps`` would) and stay picklable."""
+
+    original: Original
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return self.original.__signature__
+
+    @property
+    def __doc__(self) -> Optional[str]:  # type: ignore[override]
+        return getattr(self.original.fn, "__doc__", None)

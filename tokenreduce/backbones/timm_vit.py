@@ -28,7 +28,7 @@ from ..core.requirements import VISION_BLOCK_NEEDS
 from .base import Adapter
 from .layer_host import LayerFamily, LayerHost
 from .macs import conv_patch_macs, linear_macs
-from .patcher import Original
+from .patcher import Original, Replacement
 
 try:  # timm is a hard dependency of the package; keep the error readable on a version without these
     from timm.layers import Attention as TimmAttention
@@ -84,7 +84,7 @@ class TimmBlockFamily(LayerFamily):
         return float(layer.attn.scale)
 
 
-class EntryPoint:
+class EntryPoint(Replacement):
     """``forward_features`` / ``forward_intermediates`` of a patched model: a fresh record, then timm's own."""
 
     def __init__(self, adapter: "TimmViTAdapter", original: Original, check_fmt: bool) -> None:
@@ -109,7 +109,7 @@ class EntryPoint:
         return out
 
 
-class SizeWeightedPool:
+class SizeWeightedPool(Replacement):
     """``pool`` of a patched model: an average-pooled head weights tokens by size (padding has size 0)."""
 
     def __init__(self, adapter: "TimmViTAdapter", original: Original) -> None:

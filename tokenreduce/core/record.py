@@ -32,15 +32,16 @@ class LayerRecord:
 
 @dataclass
 class Taps:
-    """Tensors captured from one attention layer while it runs (queries, keys, values as ``[B, N, H·d]`` or
-    ``[B, H, N, d]`` as the adapter records them). Cleared after every layer."""
+    """Tensors captured from one layer while it runs: its attention's queries, keys, values (``[B, N, H·d]`` or
+    ``[B, H, N, d]`` as the adapter records them) and the layer's output. Cleared after every layer."""
 
     q: Optional[torch.Tensor] = None
     k: Optional[torch.Tensor] = None
     v: Optional[torch.Tensor] = None
+    out: Optional[torch.Tensor] = None
 
     def clear(self) -> None:
-        self.q = self.k = self.v = None
+        self.q = self.k = self.v = self.out = None
 
 
 @dataclass
@@ -55,6 +56,8 @@ class ForwardRecord:
         carry: the method's per-forward value.
         batch, dtype, device: of the last host's output (for a default ``size``).
         input_hw: the image size of this forward, for FLOP models that depend on it.
+        image_mask: ``[B, S]`` the visual tokens of a VLM prompt (set by a VLM adapter before its language model).
+        decoder: the decoder pass of a VLM's language model (``backbones.vlm.decoder.DecoderPass``), or None.
         status / error: whether the forward finished, and what it raised if not.
         taps: attention tensors captured inside the current layer.
     """
@@ -69,6 +72,8 @@ class ForwardRecord:
     dtype: Optional[torch.dtype] = None
     device: Optional[torch.device] = None
     input_hw: Optional[Tuple[int, int]] = None
+    image_mask: Optional[torch.Tensor] = None
+    decoder: Any = None
     status: Status = Status.RUNNING
     error: Optional[str] = None
     taps: Taps = field(default_factory=Taps)

@@ -15,6 +15,8 @@ from . import kmedoids  # noqa: F401,E402  (registers "kmedoids")
 from . import dpc_knn  # noqa: F401,E402  (registers "dpc_knn")
 from . import evit  # noqa: F401,E402  (registers "evit")
 from . import ppt  # noqa: F401,E402  (registers "ppt")
+from . import ats  # noqa: F401,E402  (registers "ats")
+from . import l2norm  # noqa: F401,E402  (registers "l2norm", the worked example of docs/writing_a_method.md)
 
 __all__ = ["Geometry", "Param", "ReductionMethod", "Site", "get_method", "list_methods", "method_params",
            "register_method"]

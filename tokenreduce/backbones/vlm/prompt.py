@@ -1,0 +1,116 @@
+"""Prompt bookkeeping for vision methods in a VLM, as pure functions: find each image's run of image tokens and shrink
+it to the number of features the (reduced) vision tower returned, so users pass processor outputs unchanged."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+
+def image_runs(row: torch.Tensor, image_token_id: int) -> List[Tuple[int, int]]:
+    """``[(start, end), ...]`` of the maximal runs of ``image_token_id`` in a 1-D id tensor, in order."""
+    is_img = (row == image_token_id).to(torch.int8)
+    edges = torch.diff(is_img, prepend=is_img.new_zeros(1), append=is_img.new_zeros(1))
+    starts = (edges == 1).nonzero()[:, 0].tolist()
+    ends = (edges == -1).nonzero()[:, 0].tolist()
+    return list(zip(starts, ends))
+
+
+def _split_runs(runs: List[List[Tuple[int, int]]], num_images: int) -> List[List[Tuple[int, int]]]:
+    """Split runs holding several adjacent images (``<image><image>``) into one run per image, when every run is a
+    whole number of equally long images; ValueError otherwise."""
+    total = sum(e - s for row in runs for s, e in row)
+    if num_images <= 0 or total % num_images:
+        raise ValueError(f"the prompt holds {sum(len(r) for r in runs)} runs of image tokens ({total} tokens) but "
+                         f"{num_images} images came back from the vision tower")
+    per = total // num_images
+    out = []
+    for row in runs:
+        split = []
+        for s, e in row:
+            if (e - s) % per:
+                raise ValueError(f"an image-token run of {e - s} tokens is not a whole number of {per}-token images")
+            split += [(t, t + per) for t in range(s, e, per)]
+        out.append(split)
+    return out
+
+
+def shrink_image_runs(input_ids: torch.Tensor, image_token_id: int, counts: Sequence[int],
+                      attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                      position_ids: Optional[torch.Tensor] = None, pad_token_id: int = 0) -> Dict[str, torch.Tensor]:
+    """Shrink each image's run of image tokens to the number of features the (reduced) vision tower returned.
+
+    Args:
+        input_ids: ``[B, S]`` prompt ids with one run of ``image_token_id`` per image (as the processor makes them).
+        image_token_id: the model's ``config.image_token_id``.
+        counts: features per image, in batch-major, left-to-right order (``len(get_image_features(...).pooler_output)``
+            entries).
+        attention_mask: ``[B, P + S]`` (P cached tokens before this chunk) or None.
+        labels: ``[B, S]`` or None; position_ids: ``[B or 1, S]`` or None.
+        pad_token_id: used only when rows end up with different lengths and must be re-padded.
+
+    Returns:
+        ``{"input_ids", "attention_mask", "labels", "position_ids"}`` (the given ones), each run keeping its first
+        ``count`` positions. Later positions shift down so they stay contiguous. Rows that end up shorter than the
+        longest are re-padded on the side the mask shows (left when the last column is all ones).
+    """
+    b, s = input_ids.shape
+    runs = [image_runs(input_ids[i], image_token_id) for i in range(b)]
+    if sum(len(r) for r in runs) != len(counts):
+        runs = _split_runs(runs, len(counts))
+    keep = torch.ones(b, s, dtype=torch.bool, device=input_ids.device)
+    it = iter(counts)
+    for i, row in enumerate(runs):
+        for start, end in row:
+            c = int(next(it))
+            if c > end - start:
+                raise ValueError(f"an image has {c} features but only {end - start} image tokens in the prompt")
+            keep[i, start + c:end] = False
+    lengths = keep.sum(dim=1)
+    out: Dict[str, torch.Tensor] = {}
+    chunk_mask = attention_mask[:, -s:] if attention_mask is not None else None
+    pad_left = chunk_mask is None or bool((chunk_mask[:, -1] != 0).all())
+    width = int(lengths.max())
+
+    def pack(t: torch.Tensor, fill) -> torch.Tensor:
+        t = t.expand(b, -1) if t.shape[0] != b else t
+        rows = []
+        for i in range(b):
+            kept = t[i][keep[i]]
+            pad = t.new_full((width - kept.shape[0],), fill)
+            rows.append(torch.cat([pad, kept]) if pad_left else torch.cat([kept, pad]))
+        return torch.stack(rows)
+
+    out["input_ids"] = pack(input_ids, pad_token_id)
+    if attention_mask is not None:
+        out["attention_mask"] = torch.cat([attention_mask[:, :-s], pack(chunk_mask, 0)], dim=1)
+    if labels is not None:
+        out["labels"] = pack(labels, -100)
+    if position_ids is not None:
+        removed_before = torch.cumsum(~keep, dim=1) - (~keep).to(torch.long)
+        out["position_ids"] = pack(position_ids - removed_before, 0)
+    return out
+
+
+def restore_prompt(sequences: torch.Tensor, prompt: torch.Tensor, shrunk_len: int) -> torch.Tensor:
+    """``generate`` output ``[B·k, shrunk_len + T]`` -> the caller's prompt ``[B, S]`` (repeated k times) + the T new
+    tokens, so slicing with the caller's prompt length gives the answer."""
+    k = sequences.shape[0] // prompt.shape[0]
+    return torch.cat([prompt.to(sequences.device).repeat_interleave(k, dim=0), sequences[:, shrunk_len:]], dim=1)
+
+
+def left_align(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]
+               ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """Move every row's padding in front of its tokens (``[B, S]`` each), or None when it already is there.
+
+    ``generate`` of a decoder-only model continues every row after its last column, so a right-padded row would
+    continue after its padding; transformers warns and gives that row a different answer. Stable per row: the
+    tokens keep their order.
+    """
+    if attention_mask is None or attention_mask.shape != input_ids.shape:
+        return None
+    valid = attention_mask != 0
+    if bool(valid[:, -1].all()) or not bool((~valid).any()):
+        return None
+    order = valid.to(torch.int8).argsort(dim=1, stable=True)
+    return input_ids.gather(1, order), attention_mask.gather(1, order)

@@ -1,0 +1,123 @@
+"""The tower-output site of a vision-language model: a method acting on the vision features at the VLM's feature
+layer, before the projector (VisionZip, FasterVLM, VisPruner, DivPrune, CDPruner, random, pooling).
+
+Forward hooks on the feature layer's ``q_proj`` / ``k_proj`` / ``v_proj`` and on its output give the method what it
+declared — the CLS attention row (one ``q_cls·Kᵀ``, no eager attention), head-averaged keys, the hidden states (CLS
+included where the tower has one) and, on request, the patch features through the projector and the patch grid — and a
+forward pre-hook on the projector replaces its input with the method's tokens, so ``get_image_features`` returns the
+reduced, projected features. The tower itself runs unchanged, with its own attention implementation.
+
+The adapter opens the window in which these hooks act (``ForwardRecord.status`` RUNNING inside its wrapper of
+``get_image_features``), so an unrelated call of the tower or the projector is left alone.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, FrozenSet, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from ...core import ATTENTION_NEEDS, Need, ReductionMethod, Status, TokenState
+from ..layer_host import LayerFamily, analysis, apply_result
+from ..patcher import Original, Patcher
+
+#: What a tower site can hand a method.
+TOWER_NEEDS = frozenset({Need.KEYS, Need.KEYS_PER_HEAD, Need.VALUES_PER_HEAD, Need.CLS_ATTN, Need.CLS_ATTN_PER_HEAD,
+                         Need.ATTN, Need.ATTN_ROWS, Need.PROJECTED, Need.GRID})
+
+
+def feature_layer_index(vision_feature_layer: int, num_layers: int) -> int:
+    """Index (0-based) of the encoder layer whose output is ``hidden_states[vision_feature_layer]``; -1 for the
+    embeddings."""
+    n = num_layers + 1
+    if not -n <= vision_feature_layer < n:
+        raise ValueError(f"vision_feature_layer={vision_feature_layer} is out of range for a {num_layers}-layer tower")
+    return vision_feature_layer % n - 1
+
+
+class TowerTap:
+    """Forward hook storing a feature-layer tensor while the adapter's window is open (picklable)."""
+
+    def __init__(self, site: "TowerSite", name: str) -> None:
+        self.site, self.name = site, name
+
+    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        rec = self.site.owner.record
+        if rec is not None and rec.status == Status.RUNNING:
+            setattr(rec.taps, self.name, output[0] if isinstance(output, tuple) else output)
+
+
+class ProjectorInput:
+    """Forward pre-hook on the projector: the method's tokens instead of the selected features."""
+
+    def __init__(self, site: "TowerSite") -> None:
+        self.site = site
+
+    def __call__(self, module: nn.Module, args: Tuple) -> Optional[Tuple]:
+        rec = self.site.owner.record
+        if rec is None or rec.status != Status.RUNNING:
+            return None
+        return (self.site.reduce(args[0]),)
+
+
+class TowerSite:
+    """Runs a ``TOWER_OUT`` method at a VLM's feature layer.
+
+    Args:
+        owner: the adapter (its ``record`` and ``method`` are read at run time).
+        family: how the tower's layers are built (where q / k / v are).
+        layers: the tower's encoder layers.
+        feature_layer: index of the layer whose output feeds the projector.
+        num_prefix: tokens before the patches in that output (1 for CLIP's CLS, 0 for SigLIP).
+        projector: the VLM's projector module.
+        grid: ``(rows, cols)`` of the patch tokens per image.
+    """
+
+    def __init__(self, owner: Any, family: LayerFamily, layers, feature_layer: int, num_prefix: int,
+                 projector: nn.Module, grid: Optional[Tuple[int, int]]) -> None:
+        self.owner, self.family = owner, family
+        self.layer = layers[feature_layer]
+        self.feature_layer, self.num_prefix = int(feature_layer), int(num_prefix)
+        self.projector, self.grid = projector, grid
+
+    def install(self, patcher: Patcher, method: ReductionMethod) -> None:
+        self.needs: FrozenSet[str] = frozenset(method.needs_at(self.feature_layer, False))
+        taps = set()
+        if self.needs & (ATTENTION_NEEDS - {Need.VALUES_PER_HEAD}):
+            taps.add("k")
+        if self.needs & {Need.CLS_ATTN, Need.CLS_ATTN_PER_HEAD, Need.ATTN, Need.ATTN_ROWS}:
+            taps.add("q")
+        if Need.VALUES_PER_HEAD in self.needs:
+            taps.add("v")
+        for name, module in self.family.tap_modules(self.layer, frozenset(taps)).items():
+            patcher.hook(module.register_forward_hook(TowerTap(self, name)))
+        patcher.hook(self.layer.register_forward_hook(TowerTap(self, "out")))
+        patcher.hook(self.projector.register_forward_pre_hook(ProjectorInput(self)))
+        self.project = patcher.original(self.projector, "forward")
+
+    def reduce(self, selected: torch.Tensor) -> torch.Tensor:
+        """The projector's new input: the method's tokens from the feature layer's output."""
+        rec, method = self.owner.record, self.owner.method
+        taps = rec.taps
+        if taps.out is None:
+            raise RuntimeError("the vision tower's feature layer did not run before the projector")
+        x = taps.out
+        q, k, v = (None if t is None else self.family.to_heads(self.layer, name, t)
+                   for name, t in (("q", taps.q), ("k", taps.k), ("v", taps.v)))
+        found: Dict[str, Any] = analysis(self.needs, q, k, v, self.family.scale(self.layer), None)
+        if Need.PROJECTED in self.needs:
+            found["projected"] = self.project(x[:, self.num_prefix:])
+        if Need.GRID in self.needs:
+            found["grid"] = self.grid
+        state = TokenState(x=x, size=rec.ensure_size(x), num_prefix=self.num_prefix, layer=self.feature_layer,
+                           carry=rec.carry, **found)
+        out = method.reduce(state)
+        n = x.shape[1]
+        rec.finish_layer(self.feature_layer, n, n, x)
+        if out is state:
+            return selected
+        return apply_result(rec, method, state, out)
+
+    def output_tokens(self, num_tokens: int) -> Optional[int]:
+        """Tokens per image the method returns for a feature layer of ``num_tokens`` (None: content-dependent)."""
+        return self.owner.method.num_output(num_tokens)
