@@ -7,6 +7,7 @@ exactly what was there.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any, Dict, List, Optional
 
@@ -15,8 +16,8 @@ import torch.nn as nn
 from . import backbones  # noqa: F401  (registers the built-in adapters)
 from . import methods  # noqa: F401  (registers the built-in methods)
 from .backbones.base import Adapter, families_offering, find_adapter
-from .core import (COMMON_PARAMS, Geometry, ReductionInfo, ReductionMethod, Site, all_needs, get_method,
-                   list_methods, method_params, resolve_params)
+from .core import (COMMON_PARAMS, Geometry, ReductionInfo, ReductionMethod, Site, all_needs, candidate_sites,
+                   get_method, list_methods, method_params, resolve_params)
 from .core.requirements import need_names
 
 _ATTR = "_tokenreduce"
@@ -56,13 +57,16 @@ def patch(model: nn.Module, method: Optional[str] = None, *, config: Optional[st
     adapter_cls = find_adapter(model)
     method_cls = get_method(method)
     resolved = resolve_params(method, params)
-    site = method_cls.site_for(resolved)
-    if site not in adapter_cls.provides:
-        raise ValueError(f"{method} acts at '{site.value}', which {type(model).__name__} does not offer (it offers: "
-                         f"{', '.join(sorted(s.value for s in adapter_cls.provides))}); models that offer "
-                         f"'{site.value}': {families_offering(site)}")
+    wanted = candidate_sites(method_cls, resolved)
+    offered_sites = [s for s in wanted if s in adapter_cls.provides]
+    if not offered_sites:
+        raise ValueError(f"{method} acts at {' or '.join(repr(s.value) for s in wanted)}, which "
+                         f"{type(model).__name__} does not offer (it offers: "
+                         f"{', '.join(sorted(s.value for s in adapter_cls.provides))}); models that offer it: "
+                         f"{'; '.join(families_offering(s) for s in wanted)}")
+    site = offered_sites[0]
     adapter = adapter_cls(model)
-    instance = build_method(method, adapter.geometry(site), **resolved)
+    instance = build_method(method, dataclasses.replace(adapter.geometry(site), site=site), **resolved)
     offered = adapter_cls.provides[site]
     # An LLM site may also act after the last decoder layer (before the final norm).
     num_sites = instance.geometry.num_blocks + (1 if site == Site.LLM_LAYER else 0)

@@ -8,7 +8,7 @@
 """
 from . import params
 from .geometry import CostModel, Geometry
-from .method import ReductionMethod, all_needs
+from .method import ReductionMethod, all_needs, candidate_sites
 from .params import Param
 from .record import ForwardRecord, LayerRecord, Status, Taps
 from .registry import (COMMON_PARAMS, adapters, get_method, list_methods, method_params, register_adapter,
@@ -18,5 +18,5 @@ from .state import ReductionInfo, TokenState
 
 __all__ = ["ATTENTION_NEEDS", "COMMON_PARAMS", "CostModel", "ForwardRecord", "Geometry", "LayerRecord", "NEEDS", "Need",
            "Param", "ReductionInfo", "ReductionMethod", "Site", "Status", "Taps", "TokenState", "adapters",
-           "all_needs", "get_method", "list_methods", "method_params", "params", "register_adapter",
+           "all_needs", "candidate_sites", "get_method", "list_methods", "method_params", "params", "register_adapter",
            "register_method", "resolve_params"]

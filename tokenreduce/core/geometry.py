@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,7 @@ class Geometry:
         grid: ``(rows, cols)`` of the patch tokens at the default input size, when known.
         cost: the adapter's MAC model at the default input size (None when it has none); lets a method resolve
             a FLOPs budget at patch time.
+        site: the site the method is bound to (for a method that can act at several).
     """
 
     num_blocks: int
@@ -61,6 +62,7 @@ class Geometry:
     has_class_token: bool = True
     grid: Optional[Tuple[int, int]] = None
     cost: Optional[CostModel] = None
+    site: Optional[Any] = None
 
     @property
     def num_tokens(self) -> Optional[int]:

@@ -9,7 +9,7 @@ one forward needs to pass from site to site is its ``carry`` (:meth:`begin`), wh
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Dict, FrozenSet, Optional
+from typing import Any, Callable, ClassVar, Dict, FrozenSet, Optional, Tuple
 
 import torch
 
@@ -29,6 +29,9 @@ class ReductionMethod:
         summary: one line for ``tokenreduce methods``.
         site: where it acts. A method whose site depends on its configuration (MCTF's ``one_step_ahead``) also
             overrides :meth:`site_for`; the instance's ``site`` is the configured one.
+        sites: for a method that can act at more than one kind of site depending on the *model*, the sites in
+            order of preference (``random``: a VLM's tower output, else between ViT blocks); ``patch`` binds the
+            first the model offers, and ``geometry.site`` / the instance's ``site`` say which.
         needs: what it may read (:class:`Need` values); :meth:`needs_at` narrows it per layer.
         params: ``{name: Param}``.
         positions: at ``Site.LLM_LAYER``: ``"keep"`` (kept tokens keep their RoPE positions; FastV, DART) or
@@ -39,6 +42,7 @@ class ReductionMethod:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     site: Site = Site.BLOCK_MID  # a class default; the instance holds the configured site (site_for)
+    sites: ClassVar[Tuple[Site, ...]] = ()
     needs: ClassVar[FrozenSet[str]] = frozenset()
     params: ClassVar[Dict[str, Param]] = {}
     positions: ClassVar[str] = "keep"
@@ -47,7 +51,7 @@ class ReductionMethod:
         self.geometry = geometry
         self.config = dict(params)
         self.prop_attn: bool = bool(params.get("prop_attn", False))
-        self.site: Site = type(self).site_for(params)
+        self.site: Site = geometry.site if geometry.site is not None else type(self).site_for(params)
 
     @classmethod
     def site_for(cls, params: Dict[str, Any]) -> Site:
@@ -114,3 +118,8 @@ def all_needs(method: ReductionMethod, num_layers: int) -> FrozenSet[str]:
         for training in (False, True):
             out |= method.needs_at(layer, training)
     return frozenset(n.value if isinstance(n, Need) else n for n in out)
+
+
+def candidate_sites(method_cls: type, params: Dict[str, Any]) -> Tuple[Site, ...]:
+    """The sites a method configured with ``params`` can act at, in order of preference."""
+    return tuple(method_cls.sites) or (method_cls.site_for(params),)
