@@ -94,11 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-path", action="append", default=[], metavar="DIR",
                    help="folder of extra lmms-eval task YAMLs (repeatable)")
     p.add_argument("--limit", type=_limit, default=None, help="samples per task (default: all)")
-    p.add_argument("--batch-size", type=_positive, default=None, help="requests per batch (default: 8, smoke 2)")
+    p.add_argument("--batch-size", type=_positive, default=None, help="requests per batch (default: 8; smoke job: 1)")
     p.add_argument("--device", default="auto", help="cuda, cuda:N, cpu; auto: cuda when available")
     p.add_argument("--dtype", default=None,
                    help="auto (the checkpoint's), bfloat16, float16, float32, float64 (default: auto; smoke float32)")
     p.add_argument("--attn", default=None, help="attn_implementation: sdpa (transformers' default), eager, ...")
+    p.add_argument("--threads", type=_positive, default=None,
+                   help="CPU threads for torch (default: torch's; smoke job: 1, steadier on a small shared CPU)")
     p.add_argument("--metric", action="append", default=[], metavar="TASK=METRIC",
                    help="the metric to report for a task (default: the task's first metric)")
     p.add_argument("--out", default="results/eval_vlm", help="output folder")
@@ -424,6 +426,10 @@ def _main(args: argparse.Namespace) -> int:
     from .loading import load_vlm
     from .smoke import SMOKE_TASKS, build_tiny_llava, smoke_task_dir
 
+    threads = args.threads or (1 if smoke else None)
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     include = list(args.include_path)
@@ -433,7 +439,7 @@ def _main(args: argparse.Namespace) -> int:
             include.append(str(smoke_task_dir()))
         except FileNotFoundError as e:
             raise UsageError(str(e)) from None
-    batch = args.batch_size or (2 if smoke else 8)
+    batch = args.batch_size or (1 if smoke else 8)
     args.batch_size = batch
     with tempfile.TemporaryDirectory(prefix="tokenreduce-smoke-") as tmp:
         pretrained = str(build_tiny_llava(Path(tmp) / "tiny_llava")) if smoke else args.model

@@ -71,6 +71,17 @@ class TokenReduceLMM(lmms):
         self.records: List[Dict[str, Any]] = []
 
     # -- what lmms-eval reads --------------------------------------------------------------------------------
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None
+                               ) -> "TokenReduceLMM":
+        """Build from ``--model_args``; lmms-eval's own options (``--device``, ``--batch_size``) fill in only
+        what ``--model_args`` leaves out (0.7.3 passes both and fails on a duplicate keyword)."""
+        from lmms_eval.utils import simple_parse_args_string
+
+        given = simple_parse_args_string(arg_string)
+        defaults = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in given}
+        return cls(**defaults, **given)
+
     @property
     def batch_size(self) -> int:
         return self.batch_size_per_gpu

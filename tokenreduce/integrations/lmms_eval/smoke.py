@@ -31,7 +31,7 @@ _WORDS = """
 A a chat between curious user and an artificial intelligence assistant . The the assistant gives helpful , detailed
 polite answers to ' s questions USER : ASSISTANT What what colour color is shape shown in this image ? Answer with
 one word Which of these options describes it best B C D Options red green blue yellow black white grey square circle
-triangle cross stripe dot large small top left right bottom centre center picture there yes no Is
+triangle cross stripe dot large small top left right bottom centre center picture there yes no Is of or it here
 """.split()
 _SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 
@@ -116,6 +116,10 @@ def smoke_task_dir() -> Path:
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40),
            "white": (250, 250, 250)}
 SHAPES = ("square", "circle", "triangle", "cross", "stripe")
+# Different lengths, so batches are padded and a batch of two must still give what each sample gives alone.
+QUESTIONS = ("What colour is the shape shown in this image ?", "What colour is it ?",
+             "Which colour is the shape in the picture ?", "What is the colour of the shape here ?",
+             "Is the shape red , green , blue , yellow or white ?")
 
 
 def smoke_samples() -> List[dict]:
@@ -128,9 +132,10 @@ def smoke_samples() -> List[dict]:
     docs = []
     for i, (colour, shape) in enumerate(zip(colours, SHAPES)):
         options = [colours[(i + k) % len(colours)] for k in range(4)]
-        order = [options[k] for k in (2, 0, 3, 1)]  # the answer is not always option A
+        shift = i % len(options)  # the answer is option A, B, C, D, A in turn
+        order = options[len(options) - shift:] + options[:len(options) - shift]
         docs.append({"id": i, "image": {"bytes": _png(colour, shape), "path": None},
-                     "question": "What colour is the shape shown in this image ?", "answer": colour,
+                     "question": QUESTIONS[i], "answer": colour,
                      "shape": shape, "options": json.dumps(order), "label": order.index(colour)})
     return docs
 
