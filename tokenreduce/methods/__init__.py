@@ -17,6 +17,7 @@ from . import evit  # noqa: F401,E402  (registers "evit")
 from . import ppt  # noqa: F401,E402  (registers "ppt")
 from . import ats  # noqa: F401,E402  (registers "ats")
 from . import l2norm  # noqa: F401,E402  (registers "l2norm", the worked example of docs/writing_a_method.md)
+from . import ltmp  # noqa: F401,E402  (registers "ltmp")
 
 __all__ = ["Geometry", "Param", "ReductionMethod", "Site", "get_method", "list_methods", "method_params",
            "register_method"]
