@@ -28,7 +28,8 @@ from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
-from .methods import get_method, list_methods, resolve_params
+from . import methods  # noqa: F401  (a config names a registered method: register the built-in ones)
+from .core import get_method, list_methods, resolve_params
 from .resources import data_dir
 
 CONFIG_DIR = data_dir("configs")
@@ -159,6 +160,41 @@ def _check_preprocessing(pre: Dict[str, Any], source: str) -> None:
             raise ConfigError(f"{source}: preprocessing.{key} must be a list of numbers, got {pre[key]!r}")
 
 
+def _timm_shape(model: Any) -> Optional[Dict[str, Any]]:
+    """Depth, width, prefix and patch count of a timm ViT (None for other models)."""
+    if not all(hasattr(model, a) for a in ("blocks", "embed_dim", "num_prefix_tokens", "patch_embed")):
+        return None
+    return {"blocks": len(model.blocks), "width": int(model.embed_dim), "prefix tokens": int(model.num_prefix_tokens),
+            "patches": getattr(model.patch_embed, "num_patches", None)}
+
+
+def check_config_model(cfg: MethodConfig, model: Any) -> None:
+    """Refuse a config written for another timm architecture (its counts and layer indices would not mean what
+    the paper meant). Compares the architecture name when the model has timm's ``pretrained_cfg``, else the shape
+    of the config's architecture (built on the meta device, no weights) with the model's."""
+    if not cfg.model or _timm_shape(model) is None:
+        return
+    arch = cfg.model.split(".")[0]
+    actual = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if actual is not None:
+        if actual != arch:
+            raise ValueError(f"config {cfg.name!r} was written for {arch}; this model is {actual}. Pass the method "
+                             f"and its parameters directly instead: tokenreduce.patch(model, {cfg.method!r}, ...)")
+        return
+    try:
+        import timm
+        import torch
+        with torch.device("meta"):
+            reference = timm.create_model(arch, pretrained=False, **cfg.model_kwargs)
+    except Exception:  # an architecture this timm does not know: nothing to compare against
+        return
+    want, have = _timm_shape(reference), _timm_shape(model)
+    if want != have:
+        diff = ", ".join(f"{k} {want[k]} vs {have[k]}" for k in want if want[k] != have[k])
+        raise ValueError(f"config {cfg.name!r} was written for {arch} ({diff} in this model). Pass the method and "
+                         f"its parameters directly instead: tokenreduce.patch(model, {cfg.method!r}, ...)")
+
+
 def list_configs(method: Optional[str] = None) -> List[Path]:
     """Config files under ``configs/`` (optionally one method's folder), excluding the default-eval file."""
     root = CONFIG_DIR / method if method else CONFIG_DIR
@@ -167,5 +203,5 @@ def list_configs(method: Optional[str] = None) -> List[Path]:
     return sorted(p for p in root.rglob("*.yaml") if p.parent != CONFIG_DIR)
 
 
-__all__ = ["CONFIG_DIR", "ConfigError", "MethodConfig", "list_configs", "load_config", "resolve_config_path",
+__all__ = ["CONFIG_DIR", "ConfigError", "MethodConfig", "check_config_model", "list_configs", "load_config", "resolve_config_path",
            "validate_config"]

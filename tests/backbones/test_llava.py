@@ -9,7 +9,8 @@ import torch
 import tokenreduce
 
 from ..llava_helpers import IMAGE_TOKEN, METHODS, greedy, left_pad, pixels, prompts, tiny_llava, transformers
-from tokenreduce.backbones.llava import feature_layer_index, image_runs, restore_prompt, shrink_image_runs
+from tokenreduce.backbones.vlm.prompt import image_runs, restore_prompt, shrink_image_runs
+from tokenreduce.backbones.vlm.tower import feature_layer_index
 
 
 @pytest.fixture(scope="module")
@@ -201,11 +202,11 @@ def test_visionzip_patch_errors():
 def _freeze_selection(model):
     """Make DART reuse, for every later forward, the image tokens it kept in the first one (so generation without a
     cache, which re-prunes at every step, sees the same kept set as generation with one)."""
-    method = model._tokenreduce.method
+    method = tokenreduce.method_of(model)
     select, memo = method.select, {}
 
     def frozen(state):
-        image = state.extras["image_mask"]
+        image = state.image_mask
         if "img" not in memo:
             kept = select(state)
             memo["img"] = [k[image[b, k]] for b, k in enumerate(kept)]
@@ -291,9 +292,9 @@ def test_dart_keys_and_batching_on_language_models(text_model, batch):
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, pixel_values=pv, position_ids=pos, use_cache=True)
     tokenreduce.patch(model, "dart", layer=2, image_pivots=2, text_pivots=2, per_pivot=4)
-    method, seen = model._tokenreduce.method, {}
+    method, seen = tokenreduce.method_of(model), {}
     select = method.select
-    method.select = lambda state: seen.setdefault("keys", state.extras["keys_per_head"]) is not None and select(state)
+    method.select = lambda state: seen.setdefault("keys", state.keys_per_head) is not None and select(state)
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, pixel_values=pv, position_ids=pos, use_cache=True)
     torch.testing.assert_close(seen["keys"], ref.past_key_values.layers[1].keys, atol=1e-12, rtol=1e-12)
@@ -307,8 +308,10 @@ def test_dart_keys_and_batching_on_language_models(text_model, batch):
 
 def test_dart_errors():
     model = tiny_llava(vision_layers=2, lm_layers=2)
-    with pytest.raises(ValueError, match="exactly one decoder layer"):
+    with pytest.raises(ValueError, match="must be below the language model's 2 layers"):
         tokenreduce.patch(model, "dart", layer=2)
+    with pytest.raises(ValueError, match="every image token would be dropped"):
+        tokenreduce.patch(model, "dart", layer=1, image_pivots=0, text_pivots=0, per_pivot=4)
     with pytest.raises(ValueError, match="must be >= 1"):
         tokenreduce.patch(model, "dart", layer=0)
     with pytest.raises(ValueError, match="not both"):

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import tokenreduce
-from tokenreduce.methods import Geometry
-from tokenreduce.methods.atc import ATC, keep_rate_targets
+from tokenreduce.core import Geometry
+from tokenreduce.methods.atc import ATC, keep_rate_clusters
 from tokenreduce.ops.clustering import cosine_distance
-from tokenreduce.state import TokenState
+from tokenreduce.core import TokenState
 
 from ..conftest import build_fixture_model, fixture_cases, load_case, run_forward_fixture, tiny_vit
 
@@ -30,9 +30,9 @@ def test_keep_rate_placement_as_upstream():
     with torch.no_grad():
         model(tensors["input"][:1])
     assert tokenreduce.info(model).tokens_per_layer == [197] * 4 + [138] * 3 + [97] * 3 + [68] * 2
-    assert keep_rate_targets(0.7, [3, 6, 9], 196) == {3: 137, 6: 96, 9: 67}
-    assert keep_rate_targets(0.25, [3, 6, 9], 196) == {3: 49, 6: 12, 9: 3}
-    assert keep_rate_targets(0.01, [0, 1], 196) == {0: 1, 1: 1}  # at least one cluster
+    assert [keep_rate_clusters(0.7, j, 196) for j in range(3)] == [137, 96, 67]
+    assert [keep_rate_clusters(0.25, j, 196) for j in range(3)] == [49, 12, 3]
+    assert [keep_rate_clusters(0.01, j, 196) for j in range(2)] == [1, 1]  # at least one cluster
 
 
 def _groups(labels):

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenreduce.methods.base import Geometry
+from tokenreduce.core import Geometry
 from tokenreduce.methods.dart import DART, resolve_per_pivot, select_sample, visit_order
-from tokenreduce.state import TokenState
+from tokenreduce.core import TokenState
 
 from ..conftest import fixture_cases
 from ..llava_helpers import run_llava_case

@@ -3,9 +3,9 @@ plain-loop reference of its selection and merge."""
 import pytest
 import torch
 
-from tokenreduce.methods.base import Geometry
+from tokenreduce.core import Geometry
 from tokenreduce.methods.visionzip import VisionZip, contextual_merge, dominant_indices, uniform_targets
-from tokenreduce.state import TokenState
+from tokenreduce.core import TokenState
 
 from ..conftest import fixture_cases
 from ..llava_helpers import run_llava_case

@@ -124,6 +124,9 @@ class DART(ReductionMethod):
         self.per_pivot = resolve_per_pivot(params["per_pivot"], params["budget"], self.image_pivots,
                                            self.text_pivots)
         self.pivot_order = params["pivot_order"]
+        if self.layer >= geometry.num_blocks:
+            raise ValueError(f"dart: layer={self.layer} must be below the language model's {geometry.num_blocks} "
+                             "layers (layer K is the first decoder layer that runs on the pruned sequence)")
         if self.image_pivots + self.text_pivots == 0:
             raise ValueError("dart: image_pivots + text_pivots must be >= 1 (with no pivot every image token would "
                              "be dropped)")

@@ -359,6 +359,8 @@ class DecoderSite:
         extra = dict(a.pop(var_kw, {})) if var_kw else {}
         a.pop(params[0].name)  # self
         hidden = a.pop(params[1].name)
+        if p.cache is None:  # a cache the decoder created inside its forward (after the pre-hook) is first seen here
+            p.cache = _find_cache(a) or _find_cache(extra)
         try:
             if p.prefill and j in self.sites:
                 hidden = self._site(rec, p, j, hidden, a)
