@@ -7,9 +7,11 @@ exactly what was there.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import numbers
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch.nn as nn
 
@@ -22,7 +24,8 @@ from .core.requirements import need_names
 
 _ATTR = "_tokenreduce"
 
-__all__ = ["build_method", "get_method", "info", "is_patched", "list_methods", "method_params", "patch", "unpatch"]
+__all__ = ["build_method", "get_method", "info", "instructions", "is_patched", "list_methods", "method_params", "patch",
+           "unpatch"]
 
 
 def patch(model: nn.Module, method: Optional[str] = None, *, config: Optional[str] = None,
@@ -117,6 +120,57 @@ def is_patched(model: nn.Module) -> bool:
 def info(model: nn.Module) -> ReductionInfo:
     """What the last forward of a patched model did: sizes, sources, tokens per layer, analytic MACs, kept tokens."""
     return _adapter_of(model).info()
+
+
+#: One instruction: text, or token ids of the method's own tokenizer (e.g. CDPruner's CLIP ids).
+Instruction = Union[str, Sequence[int]]
+
+
+def _one_instruction(value: Any, where: str) -> Any:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and value and all(
+            isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in value):
+        return tuple(int(t) for t in value)
+    raise TypeError(f"tokenreduce.instructions: {where} must be a string or a non-empty list of token ids, got "
+                    f"{value!r}")
+
+
+@contextlib.contextmanager
+def instructions(model: nn.Module, texts: Union[str, Sequence[Instruction]]) -> Iterator[nn.Module]:
+    """Give the prompts' instructions to a method that reads them (``Need.INSTRUCTION``: CDPruner conditions its
+    selection on the instruction) for every call of ``model`` inside the block — ``forward``, ``generate``,
+    ``get_image_features``::
+
+        tokenreduce.patch(model, "cdpruner", keep=64, text_encoder="openai/clip-vit-large-patch14-336")
+        with tokenreduce.instructions(model, ["What is the man holding?", "How many dogs are there?"]):
+            out = model.generate(**processor(images=images, text=prompts, return_tensors="pt", padding=True))
+
+    Args:
+        model: a patched model.
+        texts: one string for every image of every call; or a list with one entry per image, in the order of
+            ``pixel_values`` (one per sample for one image per prompt; a prompt with several images repeats its
+            instruction once per image). An entry is a string, or the token ids of the method's own tokenizer.
+            The instruction is the question itself, not the chat prompt around it.
+
+    Methods that read no instruction ignore it. Blocks nest; leaving one restores the instructions around it.
+    """
+    adapter = _adapter_of(model)
+    if isinstance(texts, str):
+        given: Any = texts
+    elif isinstance(texts, (list, tuple)) and texts and all(isinstance(t, numbers.Integral) for t in texts):
+        raise TypeError("tokenreduce.instructions takes one instruction per image: wrap a single list of token ids "
+                        "in a list ([ids]), or give one string for all")
+    elif isinstance(texts, (list, tuple)) and texts:
+        given = [_one_instruction(t, f"instruction {i}") for i, t in enumerate(texts)]
+    else:
+        raise TypeError(f"tokenreduce.instructions takes a string or a non-empty list (one per image), got {texts!r}")
+    previous = adapter.instructions
+    adapter.instructions = given
+    try:
+        yield model
+    finally:
+        adapter.instructions = previous
 
 
 def method_of(model: nn.Module) -> ReductionMethod:

@@ -42,6 +42,9 @@ class Adapter:
         self.options: Dict[str, Any] = {}
         self.patcher = Patcher()
         self.record: Optional[ForwardRecord] = None
+        #: Per-call instructions of the prompts (``tokenreduce.instructions``), read by sites that provide
+        #: ``Need.INSTRUCTION``: None, one instruction for every image, or a list with one per image.
+        self.instructions: Any = None
 
     def geometry(self, site: Site) -> Geometry:
         """What a method acting at ``site`` may know of the model."""

@@ -44,7 +44,7 @@ class Need(str, enum.Enum):
     NORMED = "normed"                    # [B, N, C] hidden states through the language model's final norm
     PROJECTED = "projected"              # [B, N - p, D] patch features through the VLM's projector (tower out)
     GRID = "grid"                        # (rows, cols) of the patch tokens of each image (tower out)
-    INSTRUCTION = "instruction"          # per-call instruction of the prompt (see tokenreduce.api.instruction)
+    INSTRUCTION = "instruction"          # [B] per-call instruction of each image (tokenreduce.instructions; tower out)
 
 
 #: Every need by name, for validation and error messages.

@@ -3,7 +3,8 @@ layer, before the projector (VisionZip, FasterVLM, VisPruner, DivPrune, CDPruner
 
 Forward hooks on the feature layer's ``q_proj`` / ``k_proj`` / ``v_proj`` and on its output give the method what it
 declared — the CLS attention row (one ``q_cls·Kᵀ``, no eager attention), head-averaged keys, the hidden states (CLS
-included where the tower has one) and, on request, the patch features through the projector and the patch grid — and a
+included where the tower has one) and, on request, the patch features through the projector, the patch grid and the
+per-call instruction of each image (``tokenreduce.instructions``; :func:`instruction_rows`) — and a
 forward pre-hook on the projector replaces its input with the method's tokens, so ``get_image_features`` returns the
 reduced, projected features. The tower itself runs unchanged, with its own attention implementation.
 
@@ -12,7 +13,7 @@ The adapter opens the window in which these hooks act (``ForwardRecord.status`` 
 """
 from __future__ import annotations
 
-from typing import Any, Dict, FrozenSet, Optional, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -23,7 +24,36 @@ from ..patcher import Original, Patcher
 
 #: What a tower site can hand a method.
 TOWER_NEEDS = frozenset({Need.KEYS, Need.KEYS_PER_HEAD, Need.VALUES_PER_HEAD, Need.CLS_ATTN, Need.CLS_ATTN_PER_HEAD,
-                         Need.ATTN, Need.ATTN_ROWS, Need.PROJECTED, Need.GRID})
+                         Need.ATTN, Need.ATTN_ROWS, Need.PROJECTED, Need.GRID, Need.INSTRUCTION})
+
+
+def instruction_rows(instructions: Any, num_rows: int,
+                     rows_per_image: Optional[Sequence[int]] = None) -> Optional[List[Any]]:
+    """``Need.INSTRUCTION``: one instruction per row of the tower's batch, from what ``tokenreduce.instructions``
+    stored on the adapter (None when nothing was given: the method decides what that means).
+
+    Args:
+        instructions: None; one instruction for every row (a ``str`` or a ``tuple`` of token ids); or a ``list``
+            with one per image, in the order the images are encoded (batch-major, as in ``pixel_values``).
+        num_rows: rows of the tower's batch in this call.
+        rows_per_image: for an adapter that encodes each image as several rows (crops), how many; None: one row per
+            image.
+
+    Raises:
+        ValueError: a list whose length is not the number of images of the call.
+    """
+    if instructions is None:
+        return None
+    if not isinstance(instructions, list):
+        return [instructions] * num_rows
+    counts = [1] * len(instructions) if rows_per_image is None else [int(c) for c in rows_per_image]
+    if len(instructions) != len(counts) or sum(counts) != num_rows:
+        images = len(counts) if rows_per_image is not None else num_rows
+        raise ValueError(f"tokenreduce.instructions gave {len(instructions)} instructions, but the vision tower "
+                         f"encodes {images} images in this call: give one per image, in the order of pixel_values "
+                         "(a prompt with several images repeats its instruction once per image), or one string for "
+                         "all")
+    return [text for text, c in zip(instructions, counts) for _ in range(c)]
 
 
 def feature_layer_index(vision_feature_layer: int, num_layers: int) -> int:
@@ -109,6 +139,8 @@ class TowerSite:
             found["projected"] = self.project(x[:, self.num_prefix:])
         if Need.GRID in self.needs:
             found["grid"] = self.grid
+        if Need.INSTRUCTION in self.needs:
+            found["instruction"] = instruction_rows(getattr(self.owner, "instructions", None), x.shape[0])
         state = TokenState(x=x, size=rec.ensure_size(x), num_prefix=self.num_prefix, layer=self.feature_layer,
                            carry=rec.carry, **found)
         out = method.reduce(state)
