@@ -16,6 +16,7 @@ from . import dpc_knn  # noqa: F401,E402  (registers "dpc_knn")
 from . import evit  # noqa: F401,E402  (registers "evit")
 from . import ppt  # noqa: F401,E402  (registers "ppt")
 from . import ats  # noqa: F401,E402  (registers "ats")
+from . import fastv  # noqa: F401,E402  (registers "fastv")
 from . import l2norm  # noqa: F401,E402  (registers "l2norm", the worked example of docs/writing_a_method.md)
 from . import ltmp  # noqa: F401,E402  (registers "ltmp")
 
