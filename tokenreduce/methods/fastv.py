@@ -22,7 +22,7 @@ import torch
 
 from ..core import Geometry, Need, Param, ReductionMethod, Site, TokenState, register_method
 from ..core.params import integer, real
-from ..ops.visual_tokens import last_real_index, runs, top_indices
+from ..ops.llm_tokens import last_real_index, runs, top_indices
 from .llm_select import assemble_state, keep_rows
 
 #: FastV's paper setting (K = 2, R = 50%) when no budget is given.

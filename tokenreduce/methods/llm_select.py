@@ -9,7 +9,7 @@ import torch
 
 from ..core import TokenState
 from ..ops.merge import gather_tokens
-from ..ops.visual_tokens import pack_left
+from ..ops.llm_tokens import pack_left
 
 
 def assemble_state(state: TokenState, rows: Sequence[torch.Tensor],
