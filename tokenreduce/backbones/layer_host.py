@@ -274,6 +274,9 @@ class LayerHost:
         # What each layer reads, in eval and in training (a method may read differently when training).
         self.needs_by_mode = {mode: [frozenset(method.needs_at(i, mode)) if self.acts[i] else frozenset()
                                      for i in range(n)] for mode in (False, True)}
+        # Plain booleans, resolved here: set algebra on frozensets does not trace under torch.compile.
+        self.reads_attention = {mode: [bool(needs & ATTENTION_NEEDS) for needs in per_layer]
+                                for mode, per_layer in self.needs_by_mode.items()}
         # Sources are traced from the first layer on, for every layer, when any layer declares Need.SOURCE.
         self.trace_source = bool(trace_source) or any(Need.SOURCE in needs for per_layer in
                                                       self.needs_by_mode.values() for needs in per_layer)
@@ -346,7 +349,7 @@ class LayerHost:
 
     def _analysis(self, rec: ForwardRecord, i: int, mask: Optional[torch.Tensor]) -> Dict[str, Any]:
         needs = self._needs(i)
-        if not needs & ATTENTION_NEEDS:
+        if not self.reads_attention[bool(self.layers[i].training)][i]:
             return {}
         layer, taps = self.layers[i], rec.taps
         q, k, v = (None if t is None else self.family.to_heads(layer, name, t)

@@ -76,7 +76,9 @@ class ForwardRecord:
     decoder: Any = None
     status: Status = Status.RUNNING
     error: Optional[str] = None
-    taps: Taps = field(default_factory=Taps)
+    # A function, not the class itself: torch.compile (dynamo, torch 2.14) cannot trace a class as a dataclass
+    # default_factory, and the record is created inside a compiled forward.
+    taps: Taps = field(default_factory=lambda: Taps())
 
     @property
     def last_layer(self) -> int:
