@@ -22,3 +22,4 @@ from . import ltmp  # noqa: F401,E402  (registers "ltmp")
 
 __all__ = ["Geometry", "Param", "ReductionMethod", "Site", "get_method", "list_methods", "method_params",
            "register_method"]
+from . import fastervlm  # noqa: F401,E402  (registers "fastervlm")
