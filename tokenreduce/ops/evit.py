@@ -22,8 +22,9 @@ def evit_keep_count(present: int, keep: KeepSpec) -> int:
     Args:
         present: non-prefix tokens entering the step (an earlier fused token included).
         keep: an int count, or a float fraction: ``math.ceil(keep * present)`` computed as a plain float product,
-            exactly as upstream (``0.7 * 10`` is ``7.000000000000001`` and keeps 8; ``ops.pruning.keep_count``
-            would keep 7). At least 1 (only a ratio of 0, used by budget searches, can ask for fewer).
+            exactly as upstream (``0.55 * 100`` is ``55.00000000000001`` and keeps 56;
+            ``ops.pruning.keep_count`` would keep 55). At least 1 (only a ratio of 0, used by budget searches,
+            can ask for fewer).
 
     Returns:
         The count; ValueError when an int asks for more tokens than are present.
