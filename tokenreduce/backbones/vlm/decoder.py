@@ -130,17 +130,17 @@ def attention_rows(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scaling
     """Causal attention probabilities of chosen query rows.
 
     Args:
-        q: ``[B, H, S, d]`` queries after RoPE; k: ``[B, H_kv, S, d]`` keys after RoPE (GQA heads are repeated).
-        rows: ``[B, Q]`` query indices.
+        q: ``[B, H, Q, d]`` the queries of those rows, after RoPE; k: ``[B, H_kv, S, d]`` keys after RoPE (GQA heads
+            are repeated).
+        rows: ``[B, Q]`` the rows' indices among the S tokens (for the causal mask).
         scaling: the attention's logit scale.
         key_valid: ``[B, S]`` bool real tokens.
 
     Returns:
         ``[B, H, Q, S]``, softmax in at least float32 (as HF's eager attention), cast back to q's dtype.
     """
-    b, h, _, d = q.shape
+    h = q.shape[1]
     k = k.repeat_interleave(h // k.shape[1], dim=1)
-    q = q.gather(2, rows[:, None, :, None].expand(b, h, rows.shape[1], d))
     logits = (q @ k.transpose(-2, -1)) * scaling
     work = torch.promote_types(logits.dtype, torch.float32)
     allowed = (torch.arange(k.shape[2], device=q.device)[None, None, :] <= rows[:, :, None]) & key_valid[:, None, :]
@@ -149,13 +149,44 @@ def attention_rows(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scaling
 
 
 class RowScorer:
-    """``attn_rows`` / ``next_attn_rows``: rows of one layer's attention, computed when the method asks."""
+    """``attn_rows`` / ``next_attn_rows``: rows of one layer's attention, computed when the method asks.
 
-    def __init__(self, q: torch.Tensor, k: torch.Tensor, scaling: float, key_valid: torch.Tensor) -> None:
-        self.q, self.k, self.scaling, self.key_valid = q, k, scaling, key_valid
+    Only the asked rows' queries are formed: ``queries(rows [B, Q]) -> [B, H, Q, d]`` after RoPE (a gather of the
+    tapped projection for the layer that ran, a projection of those rows only for the next layer), so a method that
+    ranks by one row pays one ``q·Kᵀ`` row per sample."""
+
+    def __init__(self, queries: Callable[[torch.Tensor], torch.Tensor], k: torch.Tensor, scaling: float,
+                 key_valid: torch.Tensor) -> None:
+        self.queries, self.k, self.scaling, self.key_valid = queries, k, scaling, key_valid
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
-        return attention_rows(self.q, self.k, rows, self.scaling, self.key_valid)
+        return attention_rows(self.queries(rows), self.k, rows, self.scaling, self.key_valid)
+
+
+class TappedQueries:
+    """Rows of the queries a layer computed (``[B, H, S, d]`` before RoPE), rotated at their positions."""
+
+    def __init__(self, q: torch.Tensor, cos_sin: Tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.q, self.cos_sin = q, cos_sin
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        b, h, _, d = self.q.shape
+        q = self.q.gather(2, rows[:, None, :, None].expand(b, h, rows.shape[1], d))
+        return apply_rope(q, *(_gather_seq(t, rows, -2) for t in self.cos_sin))
+
+
+class ProjectedQueries:
+    """The queries decoder layer ``layer`` would compute for chosen rows of ``hidden`` (only those rows are
+    projected), rotated at their positions."""
+
+    def __init__(self, taps: "AttentionTaps", layer: nn.Module, hidden: torch.Tensor,
+                 cos_sin: Tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.taps, self.layer, self.hidden, self.cos_sin = taps, layer, hidden, cos_sin
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        hidden = gather_tokens(self.hidden, rows)
+        q = self.taps.project(self.layer, hidden, "q")
+        return apply_rope(q, *(_gather_seq(t, rows, -2) for t in self.cos_sin))
 
 
 def _gather_seq(t: torch.Tensor, index: torch.Tensor, seq_dim: int) -> torch.Tensor:
@@ -403,14 +434,14 @@ class DecoderSite:
             if Need.KEYS_PER_HEAD in needs:
                 found["keys_per_head"] = k
             if Need.ATTN_ROWS in needs:
-                q = apply_rope(taps.heads("q", p.previous["q"]), *prev_cos_sin)
-                found["attn_rows"] = RowScorer(q, k, taps.scaling, p.valid)
+                queries = TappedQueries(taps.heads("q", p.previous["q"]), prev_cos_sin)
+                found["attn_rows"] = RowScorer(queries, k, taps.scaling, p.valid)
         if Need.NEXT_ATTN_ROWS in needs:
             taps, layer = self.taps[j], self.layers[j]
             cos_sin = p.position_embeddings
-            q = apply_rope(taps.project(layer, hidden, "q"), *cos_sin)
             k = apply_rope(taps.project(layer, hidden, "k"), *cos_sin)
-            found["next_attn_rows"] = RowScorer(q, k, taps.scaling, p.valid)
+            found["next_attn_rows"] = RowScorer(ProjectedQueries(taps, layer, hidden, cos_sin), k, taps.scaling,
+                                                p.valid)
         state = TokenState(x=hidden, size=hidden.new_ones(hidden.shape[:2]), num_prefix=0, layer=j, valid=p.valid,
                            training=self.decoder.training, carry=rec.carry, **found)
         out = method.reduce(state)
