@@ -7,7 +7,7 @@ drops it, and the tokens it returns go through the projector to become the image
 """
 from __future__ import annotations
 
-from typing import Any, Dict, FrozenSet, Optional, Tuple
+from typing import Dict, FrozenSet, Optional, Tuple
 
 import torch
 
@@ -92,12 +92,3 @@ def select_patches(state: TokenState, patch_index: torch.Tensor) -> TokenState:
     index = patch_index.sort(dim=1).values + state.num_prefix
     return select_state(state, index)
 
-
-def no_reduction(state: TokenState, k: int) -> bool:
-    """Whether keeping ``k`` patches keeps them all and nothing else: the tower output is then exactly the unpatched
-    one when the prefix is the only thing dropped (LLaVA's ``"default"`` strategy)."""
-    return False if k < state.num_tokens - state.num_prefix else True
-
-
-def describe(params: Dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v!r}" for k, v in params.items() if v is not None)
