@@ -3,7 +3,7 @@ continues with: each sample's list of kept token indices (and, for a method that
 packed into one batch with left padding where samples keep different numbers of tokens."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
 
@@ -13,7 +13,7 @@ from ..ops.llm_tokens import pack_left
 
 
 def assemble_state(state: TokenState, rows: Sequence[torch.Tensor],
-                   made: Optional[Sequence[torch.Tensor]] = None) -> TokenState:
+                   made: Optional[Sequence[torch.Tensor]] = None, **changes: Any) -> TokenState:
     """The state holding, per sample, the tokens ``rows[b]`` in that order.
 
     Args:
@@ -21,6 +21,7 @@ def assemble_state(state: TokenState, rows: Sequence[torch.Tensor],
         rows: per sample, a 1-D index into the S tokens; ``-1`` marks a token the method made.
         made: per sample, ``[n_b, C]`` the made tokens in the order of the ``-1`` entries of ``rows[b]`` (None when
             no sample makes any). Made tokens are real visual tokens.
+        changes: other fields of the new state (e.g. ``carry``).
 
     Returns:
         ``state.replace`` with ``x``, ``size`` (ones), ``valid``, ``image_mask`` and ``kept [B, S']`` (-1 for made
@@ -40,7 +41,7 @@ def assemble_state(state: TokenState, rows: Sequence[torch.Tensor],
     valid = state.valid if state.valid is not None else torch.ones_like(state.image_mask)
     real = (gather_tokens(valid, safe) | made_slot) & ~pad
     image = (gather_tokens(state.image_mask, safe) | made_slot) & ~pad
-    return state.replace(x=x, size=real.to(state.size.dtype), valid=real, image_mask=image, kept=index)
+    return state.replace(x=x, size=real.to(state.size.dtype), valid=real, image_mask=image, kept=index, **changes)
 
 
 def keep_rows(keep: torch.Tensor) -> List[torch.Tensor]:
