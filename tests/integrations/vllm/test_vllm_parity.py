@@ -22,10 +22,12 @@ NUM_PATCHES = 64  # tiny tower: 56x56 image, 7x7 patches
 
 #: (spec, image tokens per image the language model gets) at budgets that fit the tiny model.
 METHODS = [
-    ({"method": "visionzip", "dominant": 10, "contextual": 4}, 14),
-    ({"method": "tome", "r": 8}, 48),
-    ({"method": "pitome", "ratio": 0.8}, 42),
-    ({"method": "random", "prune_layers": [0], "keep": 16}, 16),
+    ({"method": "visionzip", "dominant": 10, "contextual": 4}, 14),  # tower output: CLS + 9 dominant + 4 merged
+    ({"method": "fastervlm", "keep": 16}, 16),                      # tower output
+    ({"method": "vispruner", "keep": 16}, 16),                      # tower output
+    ({"method": "tome", "r": 8}, 48),                               # in the layers: 65 -> 57 -> 49, CLS dropped
+    ({"method": "pitome", "keep_ratio": 0.8}, 42),                  # 65 -> 53 -> 43, CLS dropped
+    ({"method": "random", "layers": [0], "keep": 16}, 16),          # after layer 0
 ]
 #: Methods whose selection depends on the encoder batch (a seeded draw per forward): sent one request at a time.
 ONE_AT_A_TIME = {"random"}

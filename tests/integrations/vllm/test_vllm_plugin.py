@@ -33,8 +33,12 @@ def test_entry_point_is_installed():
 @pytest.mark.parametrize("spec, tower, expected", [
     ({"method": "visionzip", "dominant": 10, "contextual": 4}, TINY, 14),  # CLS + 9 dominant + 4 contextual
     ({"method": "tome", "r": 8}, TINY, 48),                               # 65 -> 57 -> 49, CLS dropped
-    ({"method": "pitome", "ratio": 0.8}, TINY, 42),                       # 65 -> 53 -> 43, CLS dropped
-    ({"method": "random", "prune_layers": [0], "keep": 16}, TINY, 16),
+    ({"method": "pitome", "keep_ratio": 0.8}, TINY, 42),                  # 65 -> 53 -> 43, CLS dropped
+    ({"method": "pitome", "ratio": 0.8}, TINY, 42),                       # the paper's name, an alias
+    ({"method": "random", "layers": [0], "keep": 16}, TINY, 16),
+    ({"method": "fastervlm", "keep": 16}, TINY, 16),
+    ({"method": "fastervlm", "keep_ratio": 0.25}, LLAVA15, 144),
+    ({"method": "vispruner", "keep": 16}, TINY, 16),
     ({"method": "visionzip", "dominant": 54, "contextual": 10}, LLAVA15, 64),
     ({"method": "visionzip"}, LLAVA15, 64),                               # the paper's defaults
     ({"method": "tome", "r": 16}, LLAVA15, 576 - 23 * 16),
@@ -92,6 +96,12 @@ def test_content_dependent_count_is_refused():
         tokenreduce.register_method(_DropsBelowMean)
     with pytest.raises(Unsupported, match="depends on the image"):
         make_plan({"method": _DropsBelowMean.name}, TINY)
+
+
+@pytest.mark.skipif("ats" not in tokenreduce.list_methods(), reason="ATS is not registered")
+def test_adaptive_token_sampling_is_refused():
+    with pytest.raises(Unsupported, match="depends on the image|per image"):
+        make_plan({"method": "ats", "keep": 32}, TINY)
 
 
 def _hf_config(**changes):

@@ -152,7 +152,13 @@ def output_tokens(plan: Plan) -> int:
             raise Unsupported(f"{plan.name} keeps a number of tokens that depends on the image (its num_output is "
                               "None), and vLLM must know each image's placeholder count before the encoder runs")
         return int(count)
-    counts = {_probe(plan, seed) for seed in (0, 1)}
+    counts = set()
+    for seed in (0, 1):
+        n_out, per_sample = _probe(plan, seed)
+        if per_sample:
+            raise Unsupported(f"{plan.name} keeps a different number of tokens per image (it pads and marks the "
+                              "valid ones), and vLLM needs one fixed placeholder count per image")
+        counts.add(n_out)
     if len(counts) != 1:
         raise Unsupported(
             f"{plan.name} keeps a number of tokens that depends on the image ({sorted(counts)} on two random "
@@ -161,8 +167,9 @@ def output_tokens(plan: Plan) -> int:
     return counts.pop()
 
 
-def _probe(plan: Plan, seed: int) -> int:
-    """Tokens after the tower when every site sees random hidden states and queries/keys/values (no weights)."""
+def _probe(plan: Plan, seed: int) -> Tuple[int, bool]:
+    """Tokens after the tower when every site sees random hidden states and queries/keys/values (no weights), and
+    whether the method marked some of them invalid (a per-sample count padded to the batch's largest)."""
     g = torch.Generator().manual_seed(seed)
     t, method = plan.tower, plan.method
     rec = ForwardRecord(carry=method.begin(False))
@@ -173,7 +180,7 @@ def _probe(plan: Plan, seed: int) -> int:
         n, d = x.shape[1], t.dim // t.num_heads
         q, k, v = (torch.randn(1, t.num_heads, n, d, generator=g) for _ in range(3))
         x = _reduce(rec, method, x, layer, q, k, v, d ** -0.5, None)
-    return int(x.shape[1])
+    return int(x.shape[1]), rec.valid is not None and not bool(rec.valid.all())
 
 
 def _reduce(rec: ForwardRecord, method: ReductionMethod, x: torch.Tensor, layer: int, q: Optional[torch.Tensor],
@@ -241,9 +248,12 @@ class TowerReducer:
     @contextlib.contextmanager
     def forward(self) -> Iterator[None]:
         """Around one tower forward: a fresh record, dropped afterwards."""
-        self.begin_forward()
+        rec = self.begin_forward()
         try:
             yield
+            if rec.valid is not None and not bool(rec.valid.all()):
+                raise RuntimeError(f"{self.plan.name} kept a different number of tokens per image in this batch; "
+                                   "vLLM needs the fixed count the plan promised (please report this with the spec)")
         finally:
             self.record = None
 

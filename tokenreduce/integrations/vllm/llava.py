@@ -13,7 +13,7 @@ installed, every method is inherited). With one (``hf_overrides={"tokenreduce": 
   tensor-parallel ranks only where the method reads them), so the CLS attention row is one ``q_cls·Kᵀ``; vLLM's
   fused encoder attention runs unchanged unless proportional attention must add ``log(size)``;
 - a ``TOWER_OUT`` method (VisionZip) runs on the feature layer's output, CLS included, with that layer's q/k;
-- ``_image_pixels_to_features`` runs the tower with a fresh per-forward run and checks that exactly the promised
+- ``_image_pixels_to_features`` runs the tower with a fresh per-forward record and checks that exactly the promised
   number of embeddings per image comes back.
 """
 from __future__ import annotations
@@ -205,11 +205,11 @@ class TokenReduceLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             features = vision_tower(pixel_values, feature_select_strategy=strategy)
             if plan.at_output:
                 features = reducer.at_output(features)
-        got = features.shape[1] if torch.is_tensor(features) else {int(f.shape[0]) for f in features}
-        if got != plan.tokens_per_image:
+        counts = [int(features.shape[1])] if torch.is_tensor(features) else [int(f.shape[0]) for f in features]
+        if any(c != plan.tokens_per_image for c in counts):
             raise RuntimeError(f"tokenreduce promised vLLM {plan.tokens_per_image} image tokens per image but "
-                               f"{plan.describe().split(':')[0]} returned {got}; the method's output count is not "
-                               "fixed for this input (please report this with the spec)")
+                               f"{plan.name} returned {counts}; its output count is not fixed for this input "
+                               "(please report this with the spec)")
         return features
 
 
