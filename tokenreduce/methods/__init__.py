@@ -18,11 +18,11 @@ from . import ppt  # noqa: F401,E402  (registers "ppt")
 from . import ats  # noqa: F401,E402  (registers "ats")
 from . import fastv  # noqa: F401,E402  (registers "fastv")
 from . import pdrop  # noqa: F401,E402  (registers "pdrop")
-from . import pdrop  # noqa: F401,E402  (registers "pdrop")
 from . import l2norm  # noqa: F401,E402  (registers "l2norm", the worked example of docs/writing_a_method.md)
 from . import ltmp  # noqa: F401,E402  (registers "ltmp")
 from . import fastervlm  # noqa: F401,E402  (registers "fastervlm")
 from . import vispruner  # noqa: F401,E402  (registers "vispruner")
+from . import divprune  # noqa: F401,E402  (registers "divprune")
 
 __all__ = ["Geometry", "Param", "ReductionMethod", "Site", "get_method", "list_methods", "method_params",
            "register_method"]
