@@ -40,6 +40,13 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_next_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random LLaVA-NeXT (anyres crops, image newlines) saved the same way."""
+    from tokenreduce.integrations.lmms_eval.smoke import build_tiny_llava
+    return str(build_tiny_llava(tmp_path_factory.mktemp("tiny_llava_next"), family="llava_next"))
+
+
+@pytest.fixture(scope="session")
 def smoke_runs(tiny_checkpoint: str, task_manager, tmp_path_factory: pytest.TempPathFactory):
     """``(method, params, batch_size) -> (lmms-eval output, records)``, each evaluated once per session."""
     from .lmms_helpers import evaluate, model_args, read_records

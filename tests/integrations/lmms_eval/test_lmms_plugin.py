@@ -122,6 +122,42 @@ def lm_loaded(checkpoint: str):
     return load_vlm(checkpoint, device="cpu", dtype="float64")
 
 
+def test_llava_next_is_loaded_from_its_config_and_runs(tiny_next_checkpoint, task_manager, tmp_path):
+    """A second family, found from config.json alone: runs, batch 2 = batch 1, answers equal llava_hf's."""
+    outs = {}
+    for bs in (1, 2):
+        path = tmp_path / f"records_b{bs}.jsonl"
+        outs[bs] = evaluate("tokenreduce", task_manager, args=model_args(tiny_next_checkpoint, records=path),
+                            tasks=["tr_smoke_gen"], batch_size=bs)
+        # 56x56 smoke images: base image 64 + one 56 px crop 64 + 8 image-newline tokens
+        assert {(r["visual_in"], r["visual_kept"]) for r in read_records(path)} == {(136, 136)}
+    assert responses(outs[2], "tr_smoke_gen") == responses(outs[1], "tr_smoke_gen")
+    theirs = evaluate("llava_hf", task_manager, tasks=["tr_smoke_gen"],
+                      args=f"pretrained={tiny_next_checkpoint},device_map=cpu,dtype=float64")
+    assert responses(theirs, "tr_smoke_gen") == responses(outs[1], "tr_smoke_gen")
+
+
+def test_llava_next_patched(tiny_next_checkpoint, task_manager, tmp_path):
+    """VisionZip on LLaVA-NeXT, as soon as tokenreduce has its adapter (until then patch refuses the class)."""
+    from tokenreduce.integrations.lmms_eval.loading import load_vlm
+
+    try:
+        tokenreduce.patch(load_vlm(tiny_next_checkpoint, device="cpu").model, "visionzip", dominant=10,
+                          contextual=4)
+    except ValueError as e:
+        if "does not support" not in str(e):
+            raise
+        pytest.skip(f"no LLaVA-NeXT adapter in this tokenreduce yet: {str(e)[:100]}")
+    outs, kept = {}, {}
+    for bs in (1, 2):
+        path = tmp_path / f"records_b{bs}.jsonl"
+        args = model_args(tiny_next_checkpoint, "visionzip", dict(dominant=10, contextual=4), records=path)
+        outs[bs] = evaluate("tokenreduce", task_manager, args=args, tasks=["tr_smoke_gen"], batch_size=bs)
+        kept[bs] = sorted(r["visual_kept"] for r in read_records(path))
+    assert kept[1] == kept[2] and max(kept[1]) < 136
+    assert responses(outs[2], "tr_smoke_gen") == responses(outs[1], "tr_smoke_gen")
+
+
 def test_config_argument_and_yaml_values(tiny_checkpoint, task_manager, tmp_path):
     """``config=`` takes method and parameters from a config file; an explicit parameter overrides it."""
     path = tmp_path / "records.jsonl"

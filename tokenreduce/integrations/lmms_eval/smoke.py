@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Union
+from typing import Dict, List, Tuple, Union
 
 #: Visual tokens per image of the tiny model: (56 / 7) ** 2
 TINY_VISUAL_TOKENS = 64
@@ -57,40 +57,61 @@ def build_tokenizer():
                                    padding_side="left")
 
 
-def build_tiny_llava(path: Union[str, Path], *, seed: int = 0) -> Path:
-    """Write a tiny random ``LlavaForConditionalGeneration`` checkpoint (float32) with its processor to ``path``.
+#: LLaVA-NeXT's anyres grids in miniature: 1×2, 2×1 and 2×2 crops of 56 px, plus the base image
+TINY_NEXT_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
 
-    Returns the folder. Building it takes about a second; nothing is downloaded.
+
+def _tower_and_lm(vocab: Dict[str, int]) -> Tuple[dict, dict]:
+    """The CLIP tower and Llama configs both tiny families share."""
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                  num_attention_heads=4, image_size=TINY_IMAGE_SIZE, patch_size=TINY_PATCH, hidden_act="quick_gelu")
+    text = dict(model_type="llama", vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"])
+    return vision, text
+
+
+def build_tiny_llava(path: Union[str, Path], *, family: str = "llava", seed: int = 0) -> Path:
+    """Write a tiny random checkpoint (float32) with its processor to ``path``; returns the folder.
+
+    Args:
+        family: ``llava`` (``LlavaForConditionalGeneration``, 64 visual tokens per image) or ``llava_next``
+            (``LlavaNextForConditionalGeneration``: anyres crops of the same tower plus the base image, with
+            image-newline tokens; a smoke-task image, 56×56, gives 136 visual tokens).
+
+    Building takes about a second; nothing is downloaded.
     """
     import torch
     import transformers
-    from transformers import CLIPImageProcessor, LlavaProcessor
 
+    if family not in ("llava", "llava_next"):
+        raise ValueError(f"family must be llava or llava_next, got {family!r}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     vocab = tokenizer.get_vocab()
-    cfg = transformers.LlavaConfig(
-        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=3, num_attention_heads=4, image_size=TINY_IMAGE_SIZE,
-                           patch_size=TINY_PATCH, hidden_act="quick_gelu"),
-        text_config=dict(model_type="llama", vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"],
-                         pad_token_id=vocab["<pad>"]),
-        image_token_index=vocab["<image>"], vision_feature_layer=-2, vision_feature_select_strategy="default",
-        image_seq_length=TINY_VISUAL_TOKENS)
+    vision, text = _tower_and_lm(vocab)
+    common = dict(vision_config=vision, text_config=text, image_token_index=vocab["<image>"],
+                  vision_feature_layer=-2, vision_feature_select_strategy="default",
+                  image_seq_length=TINY_VISUAL_TOKENS)
+    size = dict(size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})
+    if family == "llava":
+        cfg = transformers.LlavaConfig(**common)
+        model_cls, processor_cls = transformers.LlavaForConditionalGeneration, transformers.LlavaProcessor
+        image_processor = transformers.CLIPImageProcessor(**size)
+    else:
+        cfg = transformers.LlavaNextConfig(**common, image_grid_pinpoints=TINY_NEXT_PINPOINTS)
+        model_cls, processor_cls = transformers.LlavaNextForConditionalGeneration, transformers.LlavaNextProcessor
+        image_processor = transformers.LlavaNextImageProcessor(**size, image_grid_pinpoints=TINY_NEXT_PINPOINTS)
     torch.manual_seed(seed)
-    model = transformers.LlavaForConditionalGeneration(cfg)
+    model = model_cls(cfg)
     with torch.no_grad():  # extra noise: attention far from uniform, so selections are far from ties
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     model.eval().save_pretrained(path)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": TINY_IMAGE_SIZE},
-                                         crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=TINY_PATCH,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               image_token="<image>")
+    processor = processor_cls(image_processor=image_processor, tokenizer=tokenizer, patch_size=TINY_PATCH,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                              image_token="<image>")
     processor.save_pretrained(path)
     return path
 
@@ -164,5 +185,5 @@ def _png(colour: str, shape: str) -> bytes:
     return buf.getvalue()
 
 
-__all__ = ["SMOKE_TASKS", "TINY_VISUAL_TOKENS", "build_tiny_llava", "build_tokenizer", "smoke_samples",
+__all__ = ["SMOKE_TASKS", "TINY_NEXT_PINPOINTS", "TINY_VISUAL_TOKENS", "build_tiny_llava", "build_tokenizer", "smoke_samples",
            "smoke_task_dir"]
