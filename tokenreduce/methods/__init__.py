@@ -25,6 +25,7 @@ from . import fastervlm  # noqa: F401,E402  (registers "fastervlm")
 from . import vispruner  # noqa: F401,E402  (registers "vispruner")
 from . import divprune  # noqa: F401,E402  (registers "divprune")
 from . import cdpruner  # noqa: F401,E402  (registers "cdpruner")
+from . import pool  # noqa: F401,E402  (registers "pool")
 
 __all__ = ["Geometry", "Param", "ReductionMethod", "Site", "get_method", "list_methods", "method_params",
            "register_method"]
