@@ -52,6 +52,7 @@ EOF
 
 start=$SECONDS
 step "running tests/integrations/lmms_eval"
-OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+# These tests read no upstream fixtures, so they need no ../shared beside the checkout.
+TOKENREDUCE_SKIP_FIXTURES=1 OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
   timeout "$TEST_TIMEOUT" "$PY" -m pytest -q -p no:cacheprovider -m lmms tests/integrations/lmms_eval "$@"
 step "tests done in $((SECONDS - start)) s"

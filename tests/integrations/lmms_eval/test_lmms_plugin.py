@@ -59,15 +59,7 @@ def test_runs_complete_and_record_visual_tokens(run, smoke_runs):
     assert all(r["prefill_s"] > 0 and r["method"] == (method or "unpatched") for r in records)
 
 
-def _batch_two(run):
-    if run[0] == "dart":  # the core bug in reliability review section 2 (issue 14); strict: passes once fixed
-        return pytest.param(run, id="dart", marks=pytest.mark.xfail(
-            raises=RuntimeError, strict=True, reason="DART crashes in batched generate() when prompts differ "
-                                                     "in length (reliability review, section 2)"))
-    return pytest.param(run, id=_id(run))
-
-
-@pytest.mark.parametrize("run", [_batch_two(r) for r in RUNS])
+@pytest.mark.parametrize("run", RUNS, ids=_id)
 def test_batch_two_equals_batch_one(run, smoke_runs):
     method, params, _ = run
     (out1, rec1), (out2, rec2) = smoke_runs(method, params, 1), smoke_runs(method, params, 2)

@@ -18,6 +18,7 @@ are appended to :attr:`TokenReduceLMM.records` (and to ``records=PATH`` as JSON 
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from dataclasses import asdict
@@ -176,22 +177,28 @@ class TokenReduceLMM(lmms):
 
     def _score(self, batch: Sequence[Dict[str, Any]]) -> List[Tuple[float, int, bool]]:
         inputs = self._inputs(batch)
+        lengths = [item["scored"] for item in batch]
+        extra = {}
+        if "logits_to_keep" in inspect.signature(type(self.model).forward).parameters:
+            extra["logits_to_keep"] = max(lengths) + 1  # only the scored tail: [B, S, vocab] logits are large
         with torch.inference_mode(), PrefillMeter(self.model) as meter:
             meter.start()
             # Left padding without explicit positions: rotary embeddings are shift invariant, so a padded row
             # scores as it does alone (to rounding), and models with their own position logic (M-RoPE) keep it.
-            logits = self.model(**inputs, use_cache=False).logits
+            logits = self.model(**inputs, use_cache=False, **extra).logits
             self._record(batch, meter)
-        return score_tails(logits, inputs["input_ids"], [item["scored"] for item in batch])
+        return score_tails(logits, inputs["input_ids"], lengths)
 
     def _hf_generation(self, gen_kwargs: Dict[str, Any]) -> Dict[str, Any]:
         """lmms-eval's generation settings as ``generate()`` arguments (greedy unless sampling is asked for)."""
         temperature = float(gen_kwargs.get("temperature") or 0.0)
         sample = bool(gen_kwargs.get("do_sample", False)) or temperature > 0
         out: Dict[str, Any] = {"max_new_tokens": int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens),
-                               "do_sample": sample, "num_beams": int(gen_kwargs.get("num_beams") or 1),
-                               "pad_token_id": self.tokenizer.pad_token_id,
-                               "eos_token_id": self.tokenizer.eos_token_id}
+                               "do_sample": sample, "num_beams": int(gen_kwargs.get("num_beams") or 1)}
+        # Stop where the checkpoint's generation config says (chat models end turns with their own token); pad
+        # with its pad token, else the tokenizer's.
+        if getattr(self.model.generation_config, "pad_token_id", None) is None:
+            out["pad_token_id"] = self.tokenizer.pad_token_id
         if sample:
             out["temperature"] = temperature or 1.0
             if gen_kwargs.get("top_p") is not None:

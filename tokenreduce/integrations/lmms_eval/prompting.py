@@ -75,8 +75,9 @@ def score_tails(logits: torch.Tensor, input_ids: torch.Tensor, lengths: Sequence
     """Score the last ``lengths[b]`` tokens of each left-padded row.
 
     Args:
-        logits: ``[B, S', V]``; ``S'`` may be shorter than ``S`` (a method shortened the visual part), but the
-            tail — the text after the last image — is never touched, so it aligns with the end of each row.
+        logits: ``[B, S', V]``; ``S'`` may be shorter than ``S`` (a method shortened the visual part, or only
+            the last positions were computed), but the tail — the text after the last image — is never touched,
+            so it aligns with the end of each row.
         input_ids: ``[B, S]`` the tokens fed to the model (left padded, so every row ends at the last column).
         lengths: scored tokens per row.
 
@@ -84,7 +85,10 @@ def score_tails(logits: torch.Tensor, input_ids: torch.Tensor, lengths: Sequence
         Per row ``(summed negative log-likelihood, number of tokens, whether greedy decoding gives the tail)``.
     """
     out = []
-    logp = torch.log_softmax(logits.double(), dim=-1)
+    tail = max(lengths) + 1
+    if logits.shape[1] < tail:
+        raise ValueError(f"logits cover {logits.shape[1]} positions, scoring needs the last {tail}")
+    logp = torch.log_softmax(logits[:, -tail:].double(), dim=-1)  # only the tail: the vocabulary is large
     for b, n in enumerate(lengths):
         target = input_ids[b, -n:]
         pred = logp[b, -n - 1:-1]  # position t predicts token t + 1
