@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from ..core import Geometry, Need, Param, ReductionMethod, Site, TokenState, register_method
 from ..core.params import boolean, is_real, real
-from ..ops.ltmp import (bipartite_pairing, changes_anything, layout, masked_merge_prune, masked_softmax,
+from ..ops.ltmp import (bipartite_pairing, changes_anything, layout_positions, masked_merge_prune, masked_softmax,
                         merge_prune, protect, received_importance)
 
 KINDS = ("prune", "merge")
@@ -92,9 +92,10 @@ class InferenceRun:
 
     A block that merges and prunes nothing still reorders the tokens into upstream's ``[src, dst]`` layout, which
     decides the next block's pairs. Moving the tokens would only change the rounding, so such a block records the
-    order instead (``perm``: logical position -> physical index) and the next block that does change something
-    (or the last block) applies it. With nothing reduced anywhere, the tokens never move and the model computes
-    exactly what the unpatched one does.
+    order instead (``perm``: logical slot -> physical index) and the next block that changes something, or the
+    last block (so ``info(model)`` reports upstream's order), applies it. The last block applies it before its MLP,
+    and MLP and norm act per token: with nothing reduced anywhere, a CLS-pooled model computes exactly what the
+    unpatched one does (an average-pooled head sums the same tokens in another order).
     """
 
     values: Dict[str, List[float]]
@@ -214,9 +215,10 @@ class LTMP(ReductionMethod):
         importance = importance if perm is None else importance[:, perm]
         pairing = bipartite_pairing(keys, p, valid=state.valid)
         last = layer == self.geometry.num_blocks - 1
-        if not changes_anything(importance, pairing, merge_thr, prune_thr, state.valid):
-            # nothing merged or pruned in the whole batch: only the order changes (see InferenceRun)
-            order = layout(state.num_tokens, p, state.x.device)
+        if state.valid is None and not changes_anything(importance, pairing, merge_thr, prune_thr):
+            # nothing merged or pruned in the whole batch: only the order changes (see InferenceRun). With padding
+            # every image has its own layout, so merge_prune below packs them instead.
+            order = layout_positions(state.num_tokens, p, state.x.device)
             perm = order if perm is None else perm[order]
             if not last:
                 return state.replace(carry=InferenceRun(run.values, perm))
@@ -224,7 +226,7 @@ class LTMP(ReductionMethod):
                                  source=state.source[:, perm] if state.source is not None else None,
                                  carry=InferenceRun(run.values, None))
         x, size, source = state.x, state.size, state.source
-        if perm is not None:  # no padding while tokens wait for their order: every sample kept all of them
+        if perm is not None:  # only set while nothing was padded: every image still holds all its tokens
             x, size = x[:, perm], size[:, perm]
             source = source[:, perm] if source is not None else None
         out = merge_prune(x, size, importance, pairing, merge_thr, prune_thr, p, valid=state.valid, source=source)

@@ -96,11 +96,19 @@ def threshold_mask(score: torch.Tensor, threshold: torch.Tensor, tau: float) -> 
 # Layout
 def layout(num_tokens: int, num_prefix: int, device: Optional[torch.device] = None) -> torch.Tensor:
     """``[N]`` int64: for each output slot, the index into ``cat([src, dst])`` it takes: the prefix tokens first in
-    their own order, then the other src tokens, then the other dst tokens (positions order within each)."""
+    their own order, then the other src tokens, then the other dst tokens (position order within each)."""
     positions = list(range(0, num_tokens, 2)) + list(range(1, num_tokens, 2))
     order = sorted(range(num_tokens), key=lambda t: (positions[t] >= num_prefix,
                                                      positions[t] if positions[t] < num_prefix else t))
     return torch.tensor(order, dtype=torch.long, device=device)
+
+
+def layout_positions(num_tokens: int, num_prefix: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """``[N]`` int64: for each output slot of a block that merges and prunes nothing, the position of the token it
+    holds (``x[:, layout_positions(...)]`` is that block's new order)."""
+    positions = torch.tensor(list(range(0, num_tokens, 2)) + list(range(1, num_tokens, 2)), dtype=torch.long,
+                             device=device)
+    return positions[layout(num_tokens, num_prefix, device)]
 
 
 def split(t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
