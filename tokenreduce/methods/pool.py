@@ -62,7 +62,7 @@ class Pool(ReductionMethod):
 
     def reduce(self, state: TokenState) -> TokenState:
         """``x [B, p + P, C]`` -> ``[B, keep, C]``: the pooled cells in row-major order; ``size`` counts the patches
-        each cell averages; no ``kept`` (every output token is synthesised)."""
+        each cell averages; no prefix and no ``kept`` (every output token is synthesised)."""
         p = state.num_prefix
         grid = image_grid(state.grid, state.num_tokens - p)
         out = output_grid(grid, self.budget.count(state.num_tokens - p))
@@ -73,4 +73,4 @@ class Pool(ReductionMethod):
         if state.source is not None:
             source = (torch.einsum("kp,bpn->bkn", member.to(state.source.dtype), state.source[:, p:]) > 0).to(
                 state.source.dtype)
-        return state.replace(x=x, size=size, source=source)
+        return state.replace(x=x, size=size, source=source, num_prefix=0)

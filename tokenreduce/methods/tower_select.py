@@ -88,7 +88,9 @@ def patch_importance(state: TokenState, name: str) -> torch.Tensor:
 
 def select_patches(state: TokenState, patch_index: torch.Tensor) -> TokenState:
     """Keep the patches ``patch_index [B, K]`` (0-based among the patches, any order) in ascending order, prefix
-    dropped; ``kept`` holds their indices into the site's tokens (prefix counted)."""
+    dropped (the result has ``num_prefix == 0``); ``kept`` holds their indices into the site's tokens (prefix
+    counted)."""
     index = patch_index.sort(dim=1).values + state.num_prefix
-    return select_state(state, index)
+    out = select_state(state, index)
+    return out.replace(num_prefix=0, kept=out.kept)
 
