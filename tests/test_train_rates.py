@@ -7,7 +7,7 @@ import sys
 import torch
 
 import tokenreduce
-from tokenreduce.diffrate_search import SearchConfig, search_rates
+from tokenreduce.train.rate_search import SearchConfig, search_rates
 from tokenreduce.methods.diffrate import load_rates
 
 from .conftest import REPO, tiny_vit
@@ -65,7 +65,7 @@ def test_checkpoint_resume(tmp_path, monkeypatch):
 def test_fashion_mnist_data():
     """The project's default dataset feeds the search (training split, at the model's input size)."""
     import pytest
-    from tokenreduce.diffrate_search import _dataset
+    from tokenreduce.train.trainer import training_data as _dataset
     from tokenreduce.reference import create_reference_model
     try:
         data = _dataset(SearchConfig(data="fashion-mnist"), create_reference_model())

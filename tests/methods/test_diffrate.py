@@ -5,9 +5,8 @@ import pytest
 import torch
 
 import tokenreduce
-from tokenreduce.diffrate_search import RateSearch, export_rates, flop_cost
 from tokenreduce.methods.diffrate import CONFIG_DIR, list_rate_configs, load_rates
-from tokenreduce.ops.diffrate import rate_flops
+from tokenreduce.train.rate_search import RateSearch, export_rates, flop_cost, rate_flops
 
 from ..conftest import build_fixture_model, fixture_cases, load_case, run_forward_fixture, tiny_vit
 
@@ -40,7 +39,7 @@ def _train_step(case):
     for kind in ("prune", "merge"):
         for layer in range(depth):
             actual[f"grad.{kind}.{layer}"] = search.logits(kind, layer).grad
-    assert search.method.last_search().live == [int(v) for v in t["live_tokens"].tolist()]
+    assert search.last_search().live == [int(v) for v in t["live_tokens"].tolist()]
     return spec, t, actual, model
 
 
