@@ -4,8 +4,9 @@ prompt token attends to least.
 
 At the site before decoder layer ``layer`` (K): take layer K−1's causal attention probabilities (post-RoPE, softmax
 in at least float32) of the **last real prompt token** of each sample, average them over the heads, and keep, per
-image, the ``keep`` image tokens with the largest values; every other token (text before and after the image,
-padding) is kept, in the original order. Layers K.. run on the shorter sequence; the kept tokens keep their original
+image, the ``keep`` image tokens with the largest values; every other real token (text before and after the image)
+is kept, in the original order (padding is dropped; samples that keep different numbers of tokens are re-padded on
+the left). Layers K.. run on the shorter sequence; the kept tokens keep their original
 RoPE positions (``positions = "keep"``) and the KV cache of layers >= K holds only them. Pruning happens once, in the
 prefill; decode steps are not re-pruned. This is the official HF-LLaVA FastV with KV cache
 (pkunlp-icler/FastV ``src/FastV/llava-hf``, see ``../shared/fixtures/fastv``), with its batch-row-0 ranking and
@@ -44,19 +45,20 @@ def image_keep_count(num_tokens: int, keep: Any, keep_ratio: Any, drop_ratio: An
     return min(num_tokens, round(num_tokens * keep_ratio))
 
 
-def select_image_tokens(scores: torch.Tensor, image: torch.Tensor, count) -> torch.Tensor:
+def select_image_tokens(scores: torch.Tensor, image: torch.Tensor, valid: torch.Tensor, count) -> torch.Tensor:
     """FastV's selection for one sample.
 
     Args:
         scores: ``[S]`` head-mean attention of the last prompt token over the S tokens.
-        image: ``[S]`` bool visual tokens.
+        image: ``[S]`` bool visual tokens; valid: ``[S]`` bool real tokens.
         count: ``count(n) -> kept`` for an image of n tokens.
 
     Returns:
-        ``[S]`` bool: every non-image token, and per image (each maximal run of image tokens) its ``count(n)`` best
-        tokens by score (equal scores: the earlier token).
+        ``[S]`` bool: every real non-image token, and per image (each maximal run of image tokens) its ``count(n)``
+        best tokens by score (equal scores: the earlier token). Padding is dropped (the batch is re-padded to the
+        longest sample).
     """
-    keep = ~image
+    keep = ~image & valid
     for start, end in runs(image):
         best = top_indices(scores[start:end], count(end - start)) + start
         keep[best] = True
@@ -115,7 +117,7 @@ class FastV(ReductionMethod):
     def select(self, state: TokenState) -> List[torch.Tensor]:
         """Per sample, the ascending indices of the kept tokens."""
         scores = self.scores(state)
-        keep = torch.stack([select_image_tokens(scores[b], state.image_mask[b], self.count)
+        keep = torch.stack([select_image_tokens(scores[b], state.image_mask[b], state.valid[b], self.count)
                             for b in range(state.batch_size)])
         return keep_rows(keep)
 

@@ -73,11 +73,11 @@ def stage_keep(num_image: int, ratio: float) -> int:
     return int(num_image * ratio)
 
 
-def select_stage(scores: torch.Tensor, image: torch.Tensor, count: int) -> torch.Tensor:
-    """One sample's stage: ``[S]`` bool, every non-image token and the ``count`` image tokens with the largest
-    ``scores [S]`` (equal scores: the earlier token)."""
+def select_stage(scores: torch.Tensor, image: torch.Tensor, valid: torch.Tensor, count: int) -> torch.Tensor:
+    """One sample's stage: ``[S]`` bool, every real non-image token (``valid [S]``; padding is dropped) and the
+    ``count`` image tokens with the largest ``scores [S]`` (equal scores: the earlier token)."""
     idx = image.nonzero()[:, 0]
-    keep = ~image
+    keep = ~image & valid
     keep[idx[top_indices(scores[idx], count)]] = True
     return keep
 
@@ -123,6 +123,6 @@ class PyramidDrop(ReductionMethod):
             return state.replace(carry=original)
         ratio = self.ratios[self.stage[state.layer]]
         scores = self.scores(state)
-        keep = torch.stack([select_stage(scores[b], image[b], stage_keep(int(original[b]), ratio))
+        keep = torch.stack([select_stage(scores[b], image[b], state.valid[b], stage_keep(int(original[b]), ratio))
                             for b in range(state.batch_size)])
         return assemble_state(state, keep_rows(keep), carry=original)

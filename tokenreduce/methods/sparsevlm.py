@@ -91,13 +91,14 @@ def recycle(points: torch.Tensor) -> torch.Tensor:
     return cluster_mean(points[None], clusters.assign, c)[0]
 
 
-def stage_sample(x: torch.Tensor, image: torch.Tensor, score: torch.Tensor, count: int, recycle_tokens: bool
-                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+def stage_sample(x: torch.Tensor, image: torch.Tensor, valid: torch.Tensor, score: torch.Tensor, count: int,
+                 recycle_tokens: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """One stage for one sample.
 
     Args:
-        x: ``[S, C]`` the pruning layer's output; image: ``[S]`` bool current visual tokens; score: ``[S]`` rater
-            attention (only the visual entries are read); count: the stage's visual tokens to keep.
+        x: ``[S, C]`` the pruning layer's output; image: ``[S]`` bool current visual tokens; valid: ``[S]`` bool real
+            tokens (padding is dropped); score: ``[S]`` rater attention (only the visual entries are read); count:
+            the stage's visual tokens to keep.
         recycle_tokens: recycle the best pruned tokens (v1.0) or just drop them.
 
     Returns:
@@ -107,7 +108,7 @@ def stage_sample(x: torch.Tensor, image: torch.Tensor, score: torch.Tensor, coun
     """
     vis = image.nonzero()[:, 0]
     v = vis.numel()
-    keep = ~image
+    keep = ~image & valid
     made = x.new_zeros(0, x.shape[-1])
     if v == 0:
         return keep.nonzero()[:, 0], made
@@ -210,7 +211,7 @@ class SparseVLM(ReductionMethod):
         scores = self.scores(state, carry.raters)
         rows, made = [], []
         for b in range(state.batch_size):
-            row, new = stage_sample(state.x[b], state.image_mask[b], scores[b], count * max(carry.images[b], 1),
+            row, new = stage_sample(state.x[b], state.image_mask[b], state.valid[b], scores[b], count * max(carry.images[b], 1),
                                     self.recycle)
             rows.append(row)
             made.append(new)
