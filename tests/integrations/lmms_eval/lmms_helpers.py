@@ -10,12 +10,16 @@ from typing import Any, Dict, List, Optional, Sequence
 
 SMOKE = ("tr_smoke_gen", "tr_smoke_mc")
 
-#: (method, params, visual tokens the method promises on the tiny model's 64)
+#: (method, params, visual tokens the method promises on the tiny model's 64); unregistered ones are left out
 METHODS = [
     ("visionzip", dict(dominant=10, contextual=4), 14),
     ("dart", dict(layer=1, image_pivots=2, text_pivots=2, per_pivot=4), 2 + 4 * 4),
     ("tome", dict(r=20), 24),  # 65 -> 45 -> 25 tokens in the 2 feature layers, CLS dropped
     ("fastv", dict(layer=1, keep=16), 16),
+    ("vispruner", dict(keep=16, important=8), 16),
+    ("divprune", dict(keep=16), 16),
+    ("fastervlm", dict(keep=16), 16),
+    ("pool", dict(keep=16), 16),
 ]
 
 
