@@ -26,10 +26,14 @@ from typing import Any, Dict, FrozenSet, List, Optional
 import torch
 
 from ..core import Geometry, Need, Param, ReductionMethod, Site, TokenState, register_method
-from ..core.params import boolean, integer, layer_list, real
+from ..core.params import boolean, either, integer, layer_list, real
 from ..ops.ats import inverse_transform_sampling, sampled_index, significance, smoothed_softmax
 from ..ops.merge import gather_tokens
 from ..ops.pruning import with_prefix
+
+
+def _empty(v: Any) -> Optional[str]:
+    return None if isinstance(v, (list, tuple)) and len(v) == 0 else "must be [] (no ATS block)"
 
 
 def default_ats_layers(num_blocks: int) -> List[int]:
@@ -64,7 +68,7 @@ class ATS(ReductionMethod):
                             "sampling); None, or more than the patches (upstream's NUM_TOKENS 197): no cap",
                       integer(1, optional=True), aliases=("num_tokens",)),
         "layers": Param(None, "ATS blocks (0-based); None: floor(d/4) .. d-1 (3..11 for 12 blocks, upstream's "
-                              "DeiT-S setting)", layer_list(), aliases=("ats_blocks",)),
+                              "DeiT-S setting); [] for none", either(layer_list(), _empty), aliases=("ats_blocks",)),
         "drop_tokens": Param(True, "True: compact each image to its kept tokens (the batch to its longest image); "
                                    "False: upstream's full-length mode, dropped tokens stay as masked zero slots",
                              boolean),
