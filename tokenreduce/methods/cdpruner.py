@@ -44,6 +44,7 @@ class ClipSide(nn.Module):
         self.post_layernorm, self.visual_projection = clip.vision_model.post_layernorm, clip.visual_projection
         self.positions = int(clip.config.text_config.max_position_embeddings)
         self.vision_width = int(clip.config.vision_config.hidden_size)
+        self.vocab_size = int(clip.config.text_config.vocab_size)
 
     def text_embeds(self, ids: Sequence[int]) -> torch.Tensor:
         """``[M, C]``: the instruction in rows of ``positions`` tokens (zero-padded, masked), one embedding per row
@@ -105,6 +106,9 @@ class CDPruner(ReductionMethod):
             raise ValueError(f"cdpruner: text_encoder={self.text_encoder!r} has a {self.clip.vision_width}-wide vision "
                              f"side, but this vision tower is {geometry.dim} wide; give the CLIP the tower came from")
         self._tokenizer: Any = None
+        if self.instruction_ids is not None and max(self.instruction_ids) >= self.clip.vocab_size:
+            raise ValueError(f"cdpruner: instruction_ids holds ids >= {self.clip.vocab_size}, the vocabulary of "
+                             f"text_encoder={self.text_encoder!r}")
 
     def missing_needs_hint(self, missing: FrozenSet[str]) -> str:
         if Need.INSTRUCTION in missing:
@@ -122,13 +126,20 @@ class CDPruner(ReductionMethod):
         if not isinstance(instruction, str):
             return tuple(int(t) for t in instruction)
         if self._tokenizer is None:
+            problem = None
             try:
                 from transformers import AutoTokenizer
-                self._tokenizer = AutoTokenizer.from_pretrained(self.text_encoder)
+                tokenizer = AutoTokenizer.from_pretrained(self.text_encoder)
+                # transformers builds an empty tokenizer from a folder without tokenizer files: refuse it
+                if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+                    problem = "it has no tokenizer files"
             except Exception as e:
+                problem = str(e)
+            if problem:
                 raise ValueError(f"cdpruner: a string instruction needs the CLIP tokenizer of text_encoder="
-                                 f"{self.text_encoder!r}, which could not be loaded ({e}); give CLIP token ids "
-                                 "instead") from None
+                                 f"{self.text_encoder!r}, which could not be loaded ({problem}); give CLIP token "
+                                 "ids instead") from None
+            self._tokenizer = tokenizer
         return tuple(self._tokenizer(text=instruction)["input_ids"])
 
     def instructions(self, state: TokenState) -> List[Tuple[int, ...]]:
@@ -139,7 +150,13 @@ class CDPruner(ReductionMethod):
                                  "tokenreduce.instructions(model, [question, ...]):` (one per image), or patch with "
                                  "instruction_ids=[...] for every call")
             return [self.instruction_ids] * state.batch_size
-        return [self.token_ids(t) for t in given]
+        out = [self.token_ids(t) for t in given]
+        vocab = self.clip.vocab_size
+        bad = [i for i, ids in enumerate(out) if max(ids) >= vocab]
+        if bad:
+            raise ValueError(f"cdpruner: instruction {bad[0]} holds token ids >= {vocab}, the vocabulary of "
+                             f"text_encoder={self.text_encoder!r}; give ids of that CLIP's tokenizer")
+        return out
 
     def relevance(self, state: TokenState, dtype: torch.dtype) -> torch.Tensor:
         """``[B, P]`` each patch's normalised relevance to its image's instruction."""
