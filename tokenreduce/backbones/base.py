@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Dict, FrozenSet, Optional
 import torch
 import torch.nn as nn
 
-from ..core import ForwardRecord, Geometry, ReductionInfo, ReductionMethod, Site, Status
+from ..core import ForwardRecord, Geometry, ReductionInfo, ReductionMethod, Site, Status, run_begin
 from ..core.registry import adapters
 from .patcher import Patcher
 
@@ -68,7 +68,7 @@ class Adapter:
     def begin_forward(self, **fields: Any) -> ForwardRecord:
         """A fresh per-forward record, with the method's carry."""
         training = bool(getattr(self.model, "training", False))
-        self.record = ForwardRecord(carry=self.method.begin(training) if self.method is not None else None,
+        self.record = ForwardRecord(carry=run_begin(self.method, training) if self.method is not None else None,
                                     **fields)
         return self.record
 

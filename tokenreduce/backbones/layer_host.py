@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from ..core import ATTENTION_NEEDS, CostModel, ForwardRecord, Need, ReductionMethod, Site, Status, TokenState
+from ..core import (ATTENTION_NEEDS, CostModel, ForwardRecord, Need, ReductionMethod, Site, Status, TokenState,
+                    run_reduce)
 from .macs import layer_cost
 from .patcher import Patcher
 
@@ -363,7 +364,7 @@ class LayerHost:
 
     def _reduce(self, rec: ForwardRecord, i: int, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         state = self._state(rec, i, x, self._analysis(rec, i, mask))
-        return apply_result(rec, self.owner.method, state, self.owner.method.reduce(state))
+        return apply_result(rec, self.owner.method, state, run_reduce(self.owner.method, state))
 
     def _preview_and_reduce(self, rec: ForwardRecord, i: int, x: torch.Tensor, user_mask: Optional[torch.Tensor],
                             kwargs: Dict[str, Any]) -> torch.Tensor:

@@ -8,7 +8,7 @@
 """
 from . import params
 from .geometry import CostModel, Geometry
-from .method import ReductionMethod, all_needs, candidate_sites
+from .method import ReductionMethod, all_needs, candidate_sites, run_begin, run_reduce
 from .params import Param
 from .record import ForwardRecord, LayerRecord, Status, Taps
 from .registry import (COMMON_PARAMS, adapters, get_method, list_methods, method_params, register_adapter,
@@ -19,4 +19,4 @@ from .state import ReductionInfo, TokenState
 __all__ = ["ATTENTION_NEEDS", "COMMON_PARAMS", "CostModel", "ForwardRecord", "Geometry", "LayerRecord", "NEEDS", "Need",
            "Param", "ReductionInfo", "ReductionMethod", "Site", "Status", "Taps", "TokenState", "adapters",
            "all_needs", "candidate_sites", "get_method", "list_methods", "method_params", "params", "register_adapter",
-           "register_method", "resolve_params"]
+           "register_method", "resolve_params", "run_begin", "run_reduce"]

@@ -34,6 +34,10 @@ class ReductionMethod:
             first the model offers, and ``geometry.site`` / the instance's ``site`` say which.
         needs: what it may read (:class:`Need` values); :meth:`needs_at` narrows it per layer.
         params: ``{name: Param}``.
+        compilable: whether ``reduce`` traces under ``torch.compile(fullgraph=True)``. A method that cannot
+            (data-dependent loops, a random generator) sets False: adapters then run its ``reduce`` outside the
+            graph (``torch.compiler.disable``), so ``torch.compile`` still works with graph breaks and
+            ``fullgraph=True`` is refused by dynamo at that call.
         positions: at ``Site.LLM_LAYER``: ``"keep"`` (kept tokens keep their RoPE positions; FastV, DART) or
             ``"renumber"`` (positions are renumbered 0..S'-1 after every site and each layer's decode position is
             its own cache length; PyramidDrop, SparseVLM).
@@ -46,6 +50,7 @@ class ReductionMethod:
     needs: ClassVar[FrozenSet[str]] = frozenset()
     params: ClassVar[Dict[str, Param]] = {}
     positions: ClassVar[str] = "keep"
+    compilable: ClassVar[bool] = True
 
     def __init__(self, geometry: Geometry, **params: Any) -> None:
         self.geometry = geometry
@@ -123,3 +128,18 @@ def all_needs(method: ReductionMethod, num_layers: int) -> FrozenSet[str]:
 def candidate_sites(method_cls: type, params: Dict[str, Any]) -> Tuple[Site, ...]:
     """The sites a method configured with ``params`` can act at, in order of preference."""
     return tuple(method_cls.sites) or (method_cls.site_for(params),)
+
+
+@torch.compiler.disable
+def _eagerly(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
+def run_reduce(method: ReductionMethod, state: TokenState) -> TokenState:
+    """``method.reduce(state)``, outside any compiled graph for a method that is not ``compilable``."""
+    return method.reduce(state) if method.compilable else _eagerly(method.reduce, state)
+
+
+def run_begin(method: ReductionMethod, training: bool) -> Any:
+    """``method.begin(training)``, outside any compiled graph for a method that is not ``compilable``."""
+    return method.begin(training) if method.compilable else _eagerly(method.begin, training)

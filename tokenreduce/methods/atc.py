@@ -54,6 +54,7 @@ class ATC(ReductionMethod):
     site = Site.BLOCK_MID
     needs = frozenset({Need.KEYS})
     summary = "Agglomerative Token Clustering: hierarchical clustering of the keys, clusters merged by size"
+    compilable = False  # the merge loop is data-dependent: reduce runs outside a compiled graph
     params = {
         "r": Param(None, "tokens removed per block: int, [r, inflect] or per-block list (exclusive with "
                          "keep_ratio; neither = no reduction); clamped to leave one cluster", check_optional_r),

@@ -34,6 +34,7 @@ class RandomPrune(PruningMethod):
     keeps the same random positions; vary ``seed`` to average over subsets)."""
 
     name = "random"
+    compilable = False  # a torch.Generator per forward: reduce runs outside a compiled graph
     sites = (Site.TOWER_OUT, Site.BLOCK_OUT)
     needs = frozenset()
     summary = ("Random pruning baseline: keep uniformly random non-prefix tokens between blocks, or random visual "

@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ...core import ForwardRecord, Need, ReductionMethod, Site, Status, TokenState
+from ...core import ForwardRecord, Need, ReductionMethod, Site, Status, TokenState, run_reduce
 from ...ops.masks import causal_padding_mask, positions_from_valid
 from ...ops.merge import gather_tokens
 from ...ops.rope import apply_rope
@@ -444,7 +444,7 @@ class DecoderSite:
                                                 p.valid)
         state = TokenState(x=hidden, size=hidden.new_ones(hidden.shape[:2]), num_prefix=0, layer=j, valid=p.valid,
                            training=self.decoder.training, carry=rec.carry, **found)
-        out = method.reduce(state)
+        out = run_reduce(method, state)
         rec.carry = out.carry
         if out is state or out.x is hidden:
             return hidden

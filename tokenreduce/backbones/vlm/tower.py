@@ -18,7 +18,7 @@ from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ...core import ATTENTION_NEEDS, Need, ReductionMethod, Status, TokenState
+from ...core import ATTENTION_NEEDS, Need, ReductionMethod, Status, TokenState, run_reduce
 from ..layer_host import LayerFamily, analysis, apply_result
 from ..patcher import Original, Patcher
 
@@ -143,7 +143,7 @@ class TowerSite:
             found["instruction"] = instruction_rows(getattr(self.owner, "instructions", None), x.shape[0])
         state = TokenState(x=x, size=rec.ensure_size(x), num_prefix=self.num_prefix, layer=self.feature_layer,
                            carry=rec.carry, **found)
-        out = method.reduce(state)
+        out = run_reduce(method, state)
         n = x.shape[1]
         rec.finish_layer(self.feature_layer, n, n, x)
         if out is state:

@@ -210,6 +210,13 @@ class DiffRate(ReductionMethod):
 
     def _reduce_fixed(self, state: TokenState, prune: int, merge: int) -> TokenState:
         """Inference: sort, keep the first ``prune``, merge everything beyond ``merge`` into the first ``merge``."""
+        expected = self.geometry.num_tokens
+        if state.layer == 0 and expected is not None and state.num_tokens != expected:
+            # The counts are absolute, learned for one token count; at another input size they would prune a
+            # different share (or nothing), so refuse instead of silently changing the method.
+            raise ValueError(f"diffrate's kept counts are set for {expected} tokens (the model's default input size); "
+                             f"this input has {state.num_tokens}. Feed the default image size, or learn rates for "
+                             "this size (tokenreduce search-rates --img-size ...)")
         order = sort_by_importance(state.cls_attn, self.num_prefix)
         x, size, source = permute_tokens(order, state.x, state.size, state.source)
         if prune < x.shape[1]:
