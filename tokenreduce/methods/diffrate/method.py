@@ -216,7 +216,7 @@ class DiffRate(ReductionMethod):
             # different share (or nothing), so refuse instead of silently changing the method.
             raise ValueError(f"diffrate's kept counts are set for {expected} tokens (the model's default input size); "
                              f"this input has {state.num_tokens}. Feed the default image size, or learn rates for "
-                             "this size (tokenreduce search-rates --img-size ...)")
+                             "this size with the rate search (tokenreduce search-rates)")
         order = sort_by_importance(state.cls_attn, self.num_prefix)
         x, size, source = permute_tokens(order, state.x, state.size, state.source)
         if prune < x.shape[1]:
