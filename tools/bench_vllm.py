@@ -30,8 +30,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 DEFAULT_SPECS = ["none", "visionzip:dominant=54,contextual=10", "visionzip:dominant=108,contextual=20",
-                 "tome:r=16", "random:keep=64,prune_layers=[0]"]
-TINY_SPECS = ["none", "visionzip:dominant=10,contextual=4", "tome:r=8", "random:keep=16,prune_layers=[0]"]
+                 "tome:r=16", "random:keep=64,layers=[0]", "fastervlm:keep=64"]
+TINY_SPECS = ["none", "visionzip:dominant=10,contextual=4", "tome:r=8", "random:keep=16,layers=[0]"]
 
 
 def parse_spec(text: str) -> Optional[Dict[str, Any]]:

@@ -20,17 +20,25 @@ import torch
 import torch.nn as nn
 
 from tokenreduce.api import build_method
-from tokenreduce.backbones.layer_host import QUERY_NEEDS, LayerFamily, LayerHost, analysis, apply_result
+from tokenreduce.backbones.layer_host import LayerFamily, LayerHost, analysis, apply_result
 from tokenreduce.backbones.patcher import Patcher
-from tokenreduce.core import (ATTENTION_NEEDS, COMMON_PARAMS, ForwardRecord, Geometry, ReductionMethod, Site,
-                              TokenState, get_method, list_methods, resolve_params)
-from tokenreduce.core.requirements import need_names
+from tokenreduce.backbones.vlm.tower import TOWER_NEEDS, TowerSite
+from tokenreduce.core import (ATTENTION_NEEDS, ForwardRecord, Geometry, Need, ReductionMethod, Site, TokenState,
+                              all_needs, get_method, list_methods, resolve_params)
+from tokenreduce.core.requirements import VISION_BLOCK_NEEDS, need_names
 
 __all__ = ["LayerFamily", "Plan", "Tower", "TowerReducer", "Unsupported", "make_plan", "parse_spec",
            "servable_methods"]
 
-#: The sites inside a vision tower. ``LLM_LAYER`` methods act inside the language model and are refused.
-TOWER_SITES = frozenset({Site.BLOCK_IN, Site.BLOCK_MID, Site.BLOCK_OUT, Site.TOWER_OUT})
+#: What the plugin offers per site: what tokenreduce's Hugging Face LLaVA adapter offers (so every servable spec has
+#: an HF reference), less the prompt's instruction text, which vLLM's encoder never sees (it encodes each image once
+#: and caches it across requests). ``LLM_LAYER`` methods act inside the language model and are refused.
+PROVIDES: Dict[Site, FrozenSet[str]] = {
+    Site.BLOCK_MID: need_names(VISION_BLOCK_NEEDS),
+    Site.BLOCK_OUT: need_names(VISION_BLOCK_NEEDS),
+    Site.TOWER_OUT: need_names(TOWER_NEEDS) - {Need.INSTRUCTION.value},
+}
+TOWER_SITES = frozenset(PROVIDES)
 
 
 class Unsupported(ValueError):
@@ -119,7 +127,7 @@ def make_plan(spec: Any, tower: Tower) -> Plan:
     cls = get_method(name)
     resolved = resolve_params(name, given)
     site = cls.site_for(resolved)  # a method's site may depend on its configuration
-    if site not in TOWER_SITES:
+    if site == Site.LLM_LAYER:
         raise Unsupported(
             f"{name} acts inside the language model ({site.value}); vLLM fixes each image's placeholder count "
             "before the encoder runs and keeps every prompt token in its paged KV cache, so there is no site for it. "
@@ -128,7 +136,20 @@ def make_plan(spec: Any, tower: Tower) -> Plan:
     if resolved.get("trace_source"):
         raise Unsupported("trace_source records merges for tokenreduce.info(), which a vLLM engine does not offer; "
                           "drop it from hf_overrides['tokenreduce']")
+    if site not in PROVIDES:
+        raise Unsupported(f"{name} acts at '{site.value}', which LLaVA's vision tower does not offer (it offers "
+                          f"{', '.join(sorted(s.value for s in PROVIDES))})")
     method = build_method(name, tower.geometry(), **given)  # raises for a budget the tower cannot give
+    missing = all_needs(method, tower.num_layers) - PROVIDES[site]
+    if missing:
+        why = ""
+        if Need.INSTRUCTION.value in missing:
+            why = " (the prompt's text: vLLM encodes each image once, without its prompt, and caches the result)"
+        elif Need.VALID.value in missing:
+            why = (" (it keeps a different number of tokens per image, and vLLM needs one fixed placeholder count "
+                   "per image)")
+        raise Unsupported(f"{name} (as configured) reads {sorted(missing)}, which the plugin cannot provide at "
+                          f"'{site.value}'{why}")
     plan = Plan(name, dict(given), tower, method, at_output=method.site == Site.TOWER_OUT)
     out = output_tokens(plan)
     plan.tokens_per_image = out - (1 if tower.drops_cls and not plan.at_output else 0)
@@ -202,43 +223,30 @@ def servable_methods() -> List[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # Running a plan in a tower
 # ---------------------------------------------------------------------------------------------------------------
-class _OutputTap:
-    """Forward hook on the feature layer's q/k source: keeps the output for the ``TOWER_OUT`` step."""
-
-    def __init__(self, reducer: "TowerReducer", name: str) -> None:
-        self.reducer, self.name = reducer, name
-
-    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        rec = self.reducer.record
-        if rec is not None:
-            setattr(rec.taps, self.name, output)
-
-
 class TowerReducer:
-    """Runs a plan in a tower's encoder layers (the ``owner`` a :class:`LayerHost` reads ``method`` and ``record``
-    from).
+    """Runs a plan in a tower: the ``owner`` that tokenreduce's :class:`LayerHost` (methods inside the layers) or
+    :class:`TowerSite` (methods at the feature layer's output) reads ``method`` and ``record`` from.
 
     Args:
         plan: from :func:`make_plan`.
         family: how the tower's layers are built (the vLLM side provides it).
-        layers: the tower's encoder layers, all of which run.
+        layers: the tower's encoder layers, all of which run (the last is the feature layer).
+        projector: the module the features go through next; a ``TOWER_OUT`` method's tokens replace its input.
     """
 
-    def __init__(self, plan: Plan, family: LayerFamily, layers: Sequence[nn.Module]) -> None:
+    instructions = None  # TowerSite reads it; vLLM's encoder has no prompt text (INSTRUCTION is refused)
+
+    def __init__(self, plan: Plan, family: LayerFamily, layers: Sequence[nn.Module], projector: nn.Module) -> None:
         if len(layers) != plan.tower.num_layers:
             raise RuntimeError(f"the tower has {len(layers)} layers, the plan was made for {plan.tower.num_layers}")
-        self.plan, self.family, self.layers = plan, family, list(layers)
-        self.method = plan.method
+        self.plan, self.method = plan, plan.method
         self.record: Optional[ForwardRecord] = None
         self.patcher = Patcher()
         if plan.at_output:
-            last = self.layers[-1]
-            needs = need_names(self.method.needs_at(len(layers) - 1, False))
-            wanted = {"k"} | ({"q"} if needs & need_names(QUERY_NEEDS) else set())
-            for name, module in family.tap_modules(last, frozenset(wanted)).items():
-                self.patcher.hook(module.register_forward_hook(_OutputTap(self, name)))
+            self.site = TowerSite(self, family, list(layers), len(layers) - 1, 1, projector, plan.tower.geometry().grid)
+            self.site.install(self.patcher, self.method)
         else:
-            self.host = LayerHost(self, family, self.layers, num_prefix=1)
+            self.host = LayerHost(self, family, list(layers), num_prefix=1)
             self.host.install(self.patcher, self.method, trace_source=False)
 
     def begin_forward(self) -> ForwardRecord:
@@ -247,7 +255,7 @@ class TowerReducer:
 
     @contextlib.contextmanager
     def forward(self) -> Iterator[None]:
-        """Around one tower forward: a fresh record, dropped afterwards."""
+        """Around one image batch, tower and projector: a fresh record, checked and dropped afterwards."""
         rec = self.begin_forward()
         try:
             yield
@@ -256,16 +264,6 @@ class TowerReducer:
                                    "vLLM needs the fixed count the plan promised (please report this with the spec)")
         finally:
             self.record = None
-
-    def at_output(self, x: torch.Tensor) -> torch.Tensor:
-        """The ``TOWER_OUT`` step on the feature layer's output ``x [B, N, C]`` (CLS first) -> ``[B, N', C]``."""
-        rec, last = self.record, self.layers[-1]
-        taps = rec.taps
-        q, k = (None if t is None else self.family.to_heads(last, name, t)
-                for name, t in (("q", taps.q), ("k", taps.k)))
-        out = _reduce(rec, self.method, x, len(self.layers) - 1, q, k, None, self.family.scale(last), None)
-        taps.clear()
-        return out
 
     def uninstall(self) -> None:
         self.patcher.restore()

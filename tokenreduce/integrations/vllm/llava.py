@@ -12,9 +12,11 @@ installed, every method is inherited). With one (``hf_overrides={"tokenreduce": 
   Hugging Face. Queries and keys are the ``qkv_proj`` output the layer computes anyway (all-gathered over
   tensor-parallel ranks only where the method reads them), so the CLS attention row is one ``q_cls·Kᵀ``; vLLM's
   fused encoder attention runs unchanged unless proportional attention must add ``log(size)``;
-- a ``TOWER_OUT`` method (VisionZip) runs on the feature layer's output, CLS included, with that layer's q/k;
-- ``_image_pixels_to_features`` runs the tower with a fresh per-forward record and checks that exactly the promised
-  number of embeddings per image comes back.
+- a ``TOWER_OUT`` method (VisionZip, FasterVLM, VisPruner) runs through tokenreduce's tower-output site: on the
+  feature layer's output, CLS included, with that layer's q/k, its tokens replacing the projector's input (as on
+  Hugging Face, where they replace LLaVA's feature selection);
+- ``_process_image_input`` runs tower and projector inside one per-forward record and checks that exactly the
+  promised number of embeddings per image comes back.
 """
 from __future__ import annotations
 
@@ -174,15 +176,15 @@ class VllmClipFamily(_bridge.LayerFamily):
         return float(layer.self_attn.scale)
 
 
-def tower_reducer(tower: Any, plan: _bridge.Plan) -> _bridge.TowerReducer:
-    """Install ``plan`` in vLLM's ``CLIPVisionModel`` (Unsupported for any other tower)."""
+def tower_reducer(tower: Any, projector: nn.Module, plan: _bridge.Plan) -> _bridge.TowerReducer:
+    """Install ``plan`` in vLLM's ``CLIPVisionModel`` and LLaVA's projector (Unsupported for any other tower)."""
     if not isinstance(tower, CLIPVisionModel):
         raise _bridge.Unsupported(f"tokenreduce reduces vLLM's CLIPVisionModel; this tower is {type(tower).__name__}")
     layers = list(tower.vision_model.encoder.layers)
     for i, layer in enumerate(layers):
         if not isinstance(layer, CLIPEncoderLayer):
             raise _bridge.Unsupported(f"tower layer {i} is a {type(layer).__name__}, not vLLM's CLIPEncoderLayer")
-    return _bridge.TowerReducer(plan, VllmClipFamily(), layers)
+    return _bridge.TowerReducer(plan, VllmClipFamily(), layers, projector)
 
 
 @MULTIMODAL_REGISTRY.register_processor(_build_processor, info=_build_info, dummy_inputs=LlavaDummyInputsBuilder)
@@ -192,25 +194,24 @@ class TokenReduceLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         plan = plan_for(vllm_config.model_config.hf_config)
-        self._tokenreduce = tower_reducer(self.vision_tower, plan) if plan is not None else None
+        self._tokenreduce = (tower_reducer(self.vision_tower, self.multi_modal_projector, plan)
+                             if plan is not None else None)
 
-    def _image_pixels_to_features(self, vision_tower: Any, pixel_values: Any) -> Any:
+    def _process_image_input(self, image_input: Any) -> Any:
+        """Tower and projector for a batch of images, inside one tokenreduce record (a ``TOWER_OUT`` method replaces
+        the projector's input); checks that every image got exactly the promised number of embeddings."""
         reducer = self._tokenreduce
-        if reducer is None:
-            return super()._image_pixels_to_features(vision_tower, pixel_values)
+        if reducer is None or image_input.get("type") != "pixel_values":  # precomputed embeddings bypass the tower
+            return super()._process_image_input(image_input)
         plan = reducer.plan
-        # A TOWER_OUT method's tokens replace LLaVA's feature selection (its CLS token included), as on HF.
-        strategy = "full" if plan.at_output else self.config.vision_feature_select_strategy
         with reducer.forward():
-            features = vision_tower(pixel_values, feature_select_strategy=strategy)
-            if plan.at_output:
-                features = reducer.at_output(features)
-        counts = [int(features.shape[1])] if torch.is_tensor(features) else [int(f.shape[0]) for f in features]
+            embeds = super()._process_image_input(image_input)
+        counts = [int(embeds.shape[1])] if torch.is_tensor(embeds) else [int(e.shape[0]) for e in embeds]
         if any(c != plan.tokens_per_image for c in counts):
             raise RuntimeError(f"tokenreduce promised vLLM {plan.tokens_per_image} image tokens per image but "
                                f"{plan.name} returned {counts}; its output count is not fixed for this input "
                                "(please report this with the spec)")
-        return features
+        return embeds
 
 
 __all__ = ["SPEC_KEY", "TokenReduceLlavaForConditionalGeneration", "TokenReduceLlavaProcessingInfo", "plan_for",
