@@ -364,6 +364,11 @@ class DecoderSite:
         past = mask[:, :-q] if mask is not None and mask.shape[1] > q else None
         stages = [Stage(s.start, torch.cat([s.valid.to(device), chunk_valid], dim=1)) for s in layout] \
             if layout is not None and not prefill else []
+        if prefill and cache is not None and any(getattr(l, "is_compileable", False)
+                                                 for l in getattr(cache, "layers", ())):
+            raise ValueError(f"{self.method.name} shortens the prompt inside the language model, so the layers after "
+                             "its site cache fewer tokens than a static (fixed-size) KV cache writes; use the default "
+                             "dynamic cache (drop cache_implementation='static')")
         if layout is not None and prefill:
             raise ValueError(f"this cache already holds a prompt that {self.method.name} pruned; a second prefill "
                              "with image tokens on it is not supported: start a new cache")
