@@ -278,9 +278,10 @@ class LayerHost:
         # Plain booleans, resolved here: set algebra on frozensets does not trace under torch.compile.
         self.reads_attention = {mode: [bool(needs & ATTENTION_NEEDS) for needs in per_layer]
                                 for mode, per_layer in self.needs_by_mode.items()}
-        # Sources are traced from the first layer on, for every layer, when any layer declares Need.SOURCE.
-        self.trace_source = bool(trace_source) or any(Need.SOURCE in needs for per_layer in
-                                                      self.needs_by_mode.values() for needs in per_layer)
+        # Sources are traced from the first layer on, for every layer, when any layer declares Need.SOURCE in that
+        # mode (eval / training), or always with trace_source=True.
+        self.trace_by_mode = {mode: bool(trace_source) or any(Need.SOURCE in needs for needs in per_layer)
+                              for mode, per_layer in self.needs_by_mode.items()}
         for i, layer in enumerate(self.layers):
             patcher.set_forward(layer, LayerForward(self, i))
             if self.site == Site.BLOCK_IN:
@@ -358,7 +359,8 @@ class LayerHost:
         return analysis(needs, q, k, v, self.family.scale(layer), mask)
 
     def _state(self, rec: ForwardRecord, i: int, x: torch.Tensor, found: Dict[str, Any]) -> TokenState:
-        return TokenState(x=x, size=rec.ensure_size(x), source=rec.ensure_source(x) if self.trace_source else None,
+        traced = self.trace_by_mode[bool(self.layers[i].training)]
+        return TokenState(x=x, size=rec.ensure_size(x), source=rec.ensure_source(x) if traced else None,
                           num_prefix=self.num_prefix, layer=i, valid=rec.valid, training=self.layers[i].training,
                           carry=rec.carry, **found)
 
