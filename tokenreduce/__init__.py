@@ -19,7 +19,7 @@ __version__ = "0.2.0"
 _PUBLIC = {
     "patch": "api", "unpatch": "api", "info": "api", "is_patched": "api", "list_methods": "api",
     "method_params": "api", "get_method": "api", "build_method": "api", "method_of": "api",
-    "describe_params": "api", "instructions": "api",
+    "describe_params": "api", "count_macs": "api", "check": "api", "instructions": "api",
     "register_method": "core", "Param": "core", "ReductionMethod": "core", "Site": "core", "Need": "core",
     "Geometry": "core", "TokenState": "core", "ReductionInfo": "core",
 }

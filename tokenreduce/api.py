@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import numbers
 import warnings
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Union
 
 import torch.nn as nn
 
@@ -24,7 +24,7 @@ from .core.requirements import need_names
 
 _ATTR = "_tokenreduce"
 
-__all__ = ["build_method", "get_method", "info", "instructions", "is_patched", "list_methods", "method_params", "patch",
+__all__ = ["build_method", "count_macs", "get_method", "info", "instructions", "is_patched", "list_methods", "method_params", "patch",
            "unpatch"]
 
 
@@ -48,6 +48,36 @@ def patch(model: nn.Module, method: Optional[str] = None, *, config: Optional[st
         **params: the method's parameters (``tokenreduce.method_params(method)``) and the common options
             ``trace_source`` and ``size_weighted_pool``.
     """
+    prepared = _prepare(model, method, config, params)
+    if prepared.idle:
+        warnings.warn(prepared.idle, stacklevel=2)
+    adapter = prepared.adapter
+    if is_patched(model):
+        unpatch(model)
+    try:
+        adapter.install(prepared.method, prepared.options)
+    except BaseException:
+        adapter.uninstall()
+        raise
+    object.__setattr__(model, _ATTR, adapter)
+    return model
+
+
+def check(model: nn.Module, method: Optional[str] = None, *, config: Optional[str] = None, **params: Any) -> None:
+    """Run every validation of :func:`patch` without touching the model: raises what ``patch`` would raise
+    (evaluation tools use it to skip a method a model cannot run, with ``patch``'s reason)."""
+    _prepare(model, method, config, params)
+
+
+class _Prepared(NamedTuple):
+    adapter: Adapter
+    method: ReductionMethod
+    options: Dict[str, Any]
+    idle: Optional[str]  # why this configuration reduces nothing, when it does not
+
+
+def _prepare(model: nn.Module, method: Optional[str], config: Optional[str], params: Dict[str, Any]) -> _Prepared:
+    """Validate a patch request and build the adapter and the configured method (nothing is installed)."""
     if config is not None:
         from .configs import check_config_model, load_config  # lazy: yaml is not needed for plain patching
         cfg = load_config(config)
@@ -80,21 +110,13 @@ def patch(model: nn.Module, method: Optional[str] = None, *, config: Optional[st
                          f"{type(model).__name__} cannot provide at '{site.value}' (it provides: "
                          f"{', '.join(sorted(need_names(offered)))})" + (f". {hint}" if hint else ""))
     adapter.check_method(instance)
+    idle = None
     if not any(instance.acts_at(layer) for layer in range(num_sites)):
         given = {k: v for k, v in params.items() if k not in COMMON_PARAMS}
-        warnings.warn(f"{method} with {given or 'its defaults'} reduces nothing in this "
-                      f"{instance.geometry.num_blocks}-block model: the patched model computes exactly what the "
-                      f"unpatched one does. See tokenreduce.method_params({method!r}) for what to set.", stacklevel=2)
-    if is_patched(model):
-        unpatch(model)
-    options = {k: resolved[k] for k in COMMON_PARAMS}
-    try:
-        adapter.install(instance, options)
-    except BaseException:
-        adapter.uninstall()
-        raise
-    object.__setattr__(model, _ATTR, adapter)
-    return model
+        idle = (f"{method} with {given or 'its defaults'} reduces nothing in this {instance.geometry.num_blocks}-"
+                f"block model: the patched model computes exactly what the unpatched one does. See "
+                f"tokenreduce.method_params({method!r}) for what to set.")
+    return _Prepared(adapter, instance, {k: resolved[k] for k in COMMON_PARAMS}, idle)
 
 
 def build_method(name: str, geometry: Geometry, **params: Any) -> ReductionMethod:
@@ -171,6 +193,17 @@ def instructions(model: nn.Module, texts: Union[str, Sequence[Instruction]]) -> 
         yield model
     finally:
         adapter.instructions = previous
+
+
+def count_macs(model: nn.Module, inputs: Any) -> int:
+    """Analytic MACs per image of ``model`` on ``inputs``: a patched model's last forward on them (``info``), an
+    unpatched model's from its adapter's MAC model (the same convention, so the two compare)."""
+    if is_patched(model):
+        import torch
+        with torch.inference_mode():
+            model(inputs[:1])
+        return info(model).macs
+    return find_adapter(model)(model).dense_macs(inputs)
 
 
 def method_of(model: nn.Module) -> ReductionMethod:

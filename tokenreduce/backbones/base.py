@@ -64,6 +64,10 @@ class Adapter:
     def info(self) -> ReductionInfo:
         raise NotImplementedError
 
+    def dense_macs(self, inputs: torch.Tensor) -> int:
+        """Analytic MACs per image of the *unreduced* model on ``inputs`` (the same convention as ``info``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no MAC model for an unpatched forward")
+
     # -- shared by the subclasses ------------------------------------------------------------------------------
     def begin_forward(self, **fields: Any) -> ForwardRecord:
         """A fresh per-forward record, with the method's carry."""

@@ -171,6 +171,10 @@ class HFClipVisionAdapter(Adapter):
         self.patcher.hook(encoder.register_forward_hook(EncoderDone(self)))
         self.host.install(self.patcher, method, bool(options.get("trace_source", False)))
 
+    def dense_macs(self, inputs: torch.Tensor) -> int:
+        n = int(self.vision.embeddings.num_patches) + 1
+        return tower_cost(self.vision, self.host).macs([(n, n)] * len(self.host.layers))
+
     def info(self) -> ReductionInfo:
         rec = self.finished_record()
         return self.vision_info(tower_cost(self.vision, self.host).macs([(l.tokens_in, l.tokens_mid)

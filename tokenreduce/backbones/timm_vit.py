@@ -215,6 +215,11 @@ class TimmViTAdapter(Adapter):
         self.host.install(patcher, method, bool(options.get("trace_source", False)))
 
     # ----------------------------------------------------------------------------------------------------------
+    def dense_macs(self, inputs: torch.Tensor) -> int:
+        hw = tuple(inputs.shape[-2:]) if inputs.dim() == 4 else None
+        n = _num_patches(self.model, hw) + int(self.model.num_prefix_tokens)
+        return self.cost(hw).macs([(n, n)] * len(self.host.layers))
+
     def info(self) -> ReductionInfo:
         rec = self.finished_record()
         return self.vision_info(self.cost(rec.input_hw).macs([(l.tokens_in, l.tokens_mid) for l in rec.layers]))
