@@ -35,7 +35,7 @@ def test_entry_point_is_installed():
     ({"method": "tome", "r": 8}, TINY, 48),                               # 65 -> 57 -> 49, CLS dropped
     ({"method": "pitome", "keep_ratio": 0.8}, TINY, 42),                  # 65 -> 53 -> 43, CLS dropped
     ({"method": "pitome", "ratio": 0.8}, TINY, 42),                       # the paper's name, an alias
-    ({"method": "random", "layers": [0], "keep": 16}, TINY, 16),
+    ({"method": "random", "keep": 16}, TINY, 16),                         # a VLM's tower output
     ({"method": "fastervlm", "keep": 16}, TINY, 16),
     ({"method": "fastervlm", "keep_ratio": 0.25}, LLAVA15, 144),
     ({"method": "vispruner", "keep": 16}, TINY, 16),
@@ -139,3 +139,24 @@ def test_register_is_idempotent_and_covers_the_refused_models():
     assert cls is refused.RefusingQwen2_5_VL and cls.__mro__[1].__name__ == "Qwen2_5_VLForConditionalGeneration"
     assert ModelRegistry._try_load_model_cls("LlavaForConditionalGeneration").__name__ == \
         "TokenReduceLlavaForConditionalGeneration"
+
+
+class _NeedsThePrompt(tokenreduce.ReductionMethod):
+    """A toy tower-output method that reads the prompt's instruction (as CDPruner does)."""
+
+    name = "_test_needs_instruction"
+    site = tokenreduce.Site.TOWER_OUT
+    needs = frozenset({"instruction"})
+
+    def num_output(self, num_tokens):
+        return 8
+
+    def reduce(self, state):
+        return state
+
+
+def test_a_method_that_reads_the_prompt_is_refused():
+    if _NeedsThePrompt.name not in tokenreduce.list_methods():
+        tokenreduce.register_method(_NeedsThePrompt)
+    with pytest.raises(Unsupported, match="without its prompt"):
+        make_plan({"method": _NeedsThePrompt.name}, TINY)

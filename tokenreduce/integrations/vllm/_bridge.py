@@ -12,6 +12,7 @@ Nothing here imports vLLM.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
@@ -24,7 +25,7 @@ from tokenreduce.backbones.layer_host import LayerFamily, LayerHost, analysis, a
 from tokenreduce.backbones.patcher import Patcher
 from tokenreduce.backbones.vlm.tower import TOWER_NEEDS, TowerSite
 from tokenreduce.core import (ATTENTION_NEEDS, ForwardRecord, Geometry, Need, ReductionMethod, Site, TokenState,
-                              all_needs, get_method, list_methods, resolve_params)
+                              all_needs, candidate_sites, get_method, list_methods, resolve_params)
 from tokenreduce.core.requirements import VISION_BLOCK_NEEDS, need_names
 
 __all__ = ["LayerFamily", "Plan", "Tower", "TowerReducer", "Unsupported", "make_plan", "parse_spec",
@@ -126,20 +127,23 @@ def make_plan(spec: Any, tower: Tower) -> Plan:
     name, given = parse_spec(spec)
     cls = get_method(name)
     resolved = resolve_params(name, given)
-    site = cls.site_for(resolved)  # a method's site may depend on its configuration
-    if site == Site.LLM_LAYER:
+    sites = candidate_sites(cls, resolved)  # in order of preference; a method's site may depend on the model
+    if all(site == Site.LLM_LAYER for site in sites):
         raise Unsupported(
-            f"{name} acts inside the language model ({site.value}); vLLM fixes each image's placeholder count "
-            "before the encoder runs and keeps every prompt token in its paged KV cache, so there is no site for it. "
-            f"Serve a method that acts in the vision tower ({', '.join(servable_methods())}), or run {name} with "
-            "tokenreduce.patch on a Hugging Face model")
+            f"{name} acts inside the language model ({Site.LLM_LAYER.value}); vLLM fixes each image's placeholder "
+            "count before the encoder runs and keeps every prompt token in its paged KV cache, so there is no site "
+            f"for it. Serve a method that acts in the vision tower ({', '.join(servable_methods())}), or run {name} "
+            "with tokenreduce.patch on a Hugging Face model")
     if resolved.get("trace_source"):
         raise Unsupported("trace_source records merges for tokenreduce.info(), which a vLLM engine does not offer; "
                           "drop it from hf_overrides['tokenreduce']")
-    if site not in PROVIDES:
-        raise Unsupported(f"{name} acts at '{site.value}', which LLaVA's vision tower does not offer (it offers "
-                          f"{', '.join(sorted(s.value for s in PROVIDES))})")
-    method = build_method(name, tower.geometry(), **given)  # raises for a budget the tower cannot give
+    offered = [site for site in sites if site in PROVIDES]
+    if not offered:
+        raise Unsupported(f"{name} acts at {', '.join(repr(s.value) for s in sites)}, which LLaVA's vision tower "
+                          f"does not offer (it offers {', '.join(sorted(s.value for s in PROVIDES))})")
+    site = offered[0]  # as tokenreduce.patch picks it on the Hugging Face model
+    # raises for a budget the tower cannot give
+    method = build_method(name, dataclasses.replace(tower.geometry(), site=site), **given)
     missing = all_needs(method, tower.num_layers) - PROVIDES[site]
     if missing:
         why = ""
@@ -217,7 +221,15 @@ def _reduce(rec: ForwardRecord, method: ReductionMethod, x: torch.Tensor, layer:
 
 def servable_methods() -> List[str]:
     """Registered methods that act in a vision tower (whether a budget is servable is :func:`make_plan`'s call)."""
-    return [m for m in list_methods() if get_method(m).site in TOWER_SITES]  # default configuration
+    out = []
+    for m in list_methods():
+        try:
+            sites = candidate_sites(get_method(m), resolve_params(m, {}))  # at the method's defaults
+        except (TypeError, ValueError):
+            continue
+        if any(s in TOWER_SITES for s in sites):
+            out.append(m)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
