@@ -57,6 +57,11 @@ def test_the_site_hands_each_image_its_instruction(seen_method):
             assert call() == ["all?", "all?"]
         assert call() == ["first?", (4, 5, 6)]  # the inner block restored the outer one
     assert call() is None
+    adapter = tokenreduce.api._adapter_of(model)
+    adapter.rows_per_image = [2]  # what a crop-encoding adapter sets for a call: one image as two rows
+    with tokenreduce.instructions(model, ["one image?"]):
+        assert call() == ["one image?", "one image?"]
+    del adapter.rows_per_image
     with pytest.raises(TypeError, match="wrap a single list of token ids"):
         with tokenreduce.instructions(model, [1, 2, 3]):
             pass

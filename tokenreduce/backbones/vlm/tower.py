@@ -140,7 +140,9 @@ class TowerSite:
         if Need.GRID in self.needs:
             found["grid"] = self.grid
         if Need.INSTRUCTION in self.needs:
-            found["instruction"] = instruction_rows(getattr(self.owner, "instructions", None), x.shape[0])
+            # an adapter that encodes an image as several rows (crops) sets ``rows_per_image`` for the call
+            found["instruction"] = instruction_rows(getattr(self.owner, "instructions", None), x.shape[0],
+                                                    getattr(self.owner, "rows_per_image", None))
         state = TokenState(x=x, size=rec.ensure_size(x), num_prefix=self.num_prefix, layer=self.feature_layer,
                            carry=rec.carry, **found)
         out = run_reduce(method, state)
