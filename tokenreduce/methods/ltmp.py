@@ -175,7 +175,8 @@ class LTMP(ReductionMethod):
     # -----------------------------------------------------------------------------------------------------------
     def needs_at(self, layer: int, training: bool = False) -> FrozenSet[str]:
         if training and self.trainable:
-            return frozenset({Need.ATTENTION_PROBS, Need.KEYS, Need.SOURCE})
+            # sources are traced in training only with trace_source=True (nothing reads them)
+            return frozenset({Need.ATTENTION_PROBS, Need.KEYS})
         return frozenset({Need.ATTN, Need.KEYS, Need.VALID, Need.SOURCE})
 
     def missing_needs_hint(self, missing: FrozenSet[str]) -> str:
