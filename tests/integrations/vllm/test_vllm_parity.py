@@ -25,6 +25,8 @@ METHODS = [
     ({"method": "visionzip", "dominant": 10, "contextual": 4}, 14),  # tower output: CLS + 9 dominant + 4 merged
     ({"method": "fastervlm", "keep": 16}, 16),                      # tower output
     ({"method": "vispruner", "keep": 16}, 16),                      # tower output
+    ({"method": "divprune", "keep": 16}, 16),                       # tower output, reads the projected features
+    ({"method": "pool", "keep": 16}, 16),                           # tower output, reads the patch grid
     ({"method": "tome", "r": 8}, 48),                               # in the layers: 65 -> 57 -> 49, CLS dropped
     ({"method": "pitome", "keep_ratio": 0.8}, 42),                  # 65 -> 53 -> 43, CLS dropped
     ({"method": "random", "keep": 16}, 16),                         # tower output on a VLM

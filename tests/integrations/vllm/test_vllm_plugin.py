@@ -39,6 +39,8 @@ def test_entry_point_is_installed():
     ({"method": "fastervlm", "keep": 16}, TINY, 16),
     ({"method": "fastervlm", "keep_ratio": 0.25}, LLAVA15, 144),
     ({"method": "vispruner", "keep": 16}, TINY, 16),
+    ({"method": "divprune", "keep_ratio": 0.1}, LLAVA15, 58),
+    ({"method": "pool", "keep": 16}, TINY, 16),
     ({"method": "visionzip", "dominant": 54, "contextual": 10}, LLAVA15, 64),
     ({"method": "visionzip"}, LLAVA15, 64),                               # the paper's defaults
     ({"method": "tome", "r": 16}, LLAVA15, 576 - 23 * 16),
