@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import tokenreduce
-from tokenreduce.integrations.vllm import _bridge
 from tokenreduce.integrations.vllm._bridge import Tower, Unsupported, make_plan
 
 TINY = Tower(num_layers=2, num_patches=64, dim=32, num_heads=4, drops_cls=True)
