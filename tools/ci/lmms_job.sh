@@ -21,7 +21,10 @@ TEST_TIMEOUT=${LMMS_TEST_TIMEOUT:-900}
 step() { echo "lmms_job: $*"; }
 
 install() {
-  test -x "$PY" || "$PYTHON" -m venv "$VENV"
+  # A venv whose pyvenv.cfg is gone (interrupted rm) would run as the system Python: pip must never install there.
+  if ! "$PY" -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)' 2>/dev/null; then
+    "$PYTHON" -m venv --clear "$VENV"
+  fi
   # torch first, from the machine's local wheels, so lmms-eval's `torch>=2.1` is already met and pip fetches no
   # other build. filelock<4: filelock 4 lacks `filelock._api`, which breaks every lmms-eval evaluation.
   # decord: lmms-eval's own llava_hf model (the parity test) imports it.

@@ -97,3 +97,21 @@ def test_a_failed_run_is_reported_and_fails_the_job(tmp_path, monkeypatch, capsy
     text = (tmp_path / "results.md").read_text()
     assert "RuntimeError: boom" in text and "| unpatched |" in text
     assert "run visionzip_8 failed" in capsys.readouterr().err
+
+
+def test_a_refused_run_is_listed_and_does_not_fail_the_job(tmp_path, monkeypatch):
+    """``tokenreduce.patch`` refusing a method on a model is a limitation, reported with its reason."""
+    real = tokenreduce.patch
+
+    def refuse(model, method=None, **params):
+        if method == "visionzip":
+            raise ValueError(f"visionzip: tokenreduce does not support {type(model).__name__} here")
+        return real(model, method, **params)
+
+    monkeypatch.setattr(tokenreduce, "patch", refuse)
+    rc = eval_vlm.main(["--out", str(tmp_path), "--methods", "visionzip,dart", "--budgets", "8", "--no-plot"])
+    assert rc == 0
+    with open(tmp_path / "results.csv") as f:
+        notes = {r["run"]: r["note"] for r in csv.DictReader(f)}
+    assert notes["dart_8"] == "" and notes["visionzip_8"].startswith("refused: visionzip(dominant=6, contextual=2)")
+    assert "does not support LlavaForConditionalGeneration" in notes["visionzip_8"]

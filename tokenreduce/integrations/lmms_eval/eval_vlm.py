@@ -15,6 +15,10 @@ Columns: per task lmms-eval's score (its first metric unless ``--metric TASK=NAM
 tasks of score / unpatched score; ``same %``, the share of answers identical to the unpatched run's (for
 multiple choice, the same option); visual tokens kept to the last layer and averaged over the LLM's layers,
 measured at prefill; prefill time per sample.
+
+Exit status: 0; 1 when a run failed (the others still run, the table says which); 2 for bad arguments (one
+``error:`` line). A run that ``tokenreduce.patch`` refuses on this model is listed as refused, with the reason,
+and is not a failure.
 """
 from __future__ import annotations
 
@@ -55,7 +59,7 @@ class Run:
 
 @dataclass
 class Row:
-    """A run's results (``error`` set when it could not run)."""
+    """A run's results (``error`` set when it could not run or was refused)."""
 
     run: Run
     scores: Dict[str, Optional[float]] = field(default_factory=dict)
@@ -68,6 +72,7 @@ class Row:
     answers: Dict[str, Dict[Any, Any]] = field(default_factory=dict)
     raw: Dict[str, Any] = field(default_factory=dict)
     error: Optional[str] = None
+    refused: bool = False  # tokenreduce.patch refused the method on this model (not a failure)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -424,6 +429,7 @@ def _main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .loading import load_vlm
+    from .patching import PatchRefused
     from .smoke import SMOKE_TASKS, build_tiny_llava, smoke_task_dir
 
     threads = args.threads or (1 if smoke else None)
@@ -457,6 +463,9 @@ def _main(args: argparse.Namespace) -> int:
                 rows.append(evaluate_run(run, loaded, tasks, task_manager, args, metrics, records_path))
             except UsageError:
                 raise
+            except PatchRefused as e:  # a limitation, not a failure: say it and go on
+                rows.append(Row(run=run, error=f"refused: {e}", refused=True))
+                print(f"{PROG}: run {run.name} refused: {e}", file=sys.stderr)
             except Exception as e:  # one failed run must not hide the others; exit status says it failed
                 rows.append(Row(run=run, error=f"{type(e).__name__}: {e}"))
                 print(f"{PROG}: run {run.name} failed: {type(e).__name__}: {e}", file=sys.stderr)
@@ -469,7 +478,7 @@ def _main(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"note: {note}")
     print("wrote " + ", ".join(str(p) for p in written + [records_path]))
-    return 1 if any(r.error for r in rows) else 0
+    return 1 if any(r.error and not r.refused for r in rows) else 0
 
 
 def warm_up(loaded: Any) -> None:

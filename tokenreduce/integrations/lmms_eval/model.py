@@ -50,12 +50,13 @@ class TokenReduceLMM(lmms):
                  chat_template: Optional[str] = None, max_new_tokens: int = 1024, loglikelihood: str = "mean",
                  records: Optional[str] = None, loaded: Optional[LoadedVLM] = None, **params: Any) -> None:
         super().__init__()
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise RuntimeError("the tokenreduce lmms-eval model runs in one process; launch one run per GPU "
-                               "(device=cuda:N) instead of accelerate/torchrun with several processes")
+        _refuse_several_processes()
         if loglikelihood not in _LL_REDUCTIONS:
             raise ValueError(f"loglikelihood={loglikelihood!r}: use one of {', '.join(_LL_REDUCTIONS)}")
-        self.spec = PatchSpec.from_args(method, config, params)  # checked before any weight is read
+        # Everything is checked before any weight is read. max_batch_size is lmms-eval's; batches are fixed here.
+        self.batch_size_per_gpu = _positive_int(batch_size, "batch_size")
+        self.max_new_tokens = _positive_int(max_new_tokens, "max_new_tokens")
+        self.spec = PatchSpec.from_args(method, config, params)
         self._owns_model = loaded is None
         if loaded is None:
             if not pretrained:
@@ -64,9 +65,7 @@ class TokenReduceLMM(lmms):
                               revision=revision, trust_remote_code=trust_remote_code)
         self.loaded: Optional[LoadedVLM] = loaded
         self.spec.apply(loaded.model)
-        self.batch_size_per_gpu = _positive_int(batch_size, "batch_size")
         self.chat_template = chat_template
-        self.max_new_tokens = int(max_new_tokens)
         self.ll_reduction = loglikelihood
         self.records_path = records
         self.records: List[Dict[str, Any]] = []
@@ -278,12 +277,18 @@ def _cut(text: str, until: Sequence[str]) -> str:
     return text
 
 
+def _refuse_several_processes() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError("the tokenreduce lmms-eval model runs in one process; launch one run per GPU "
+                           "(device=cuda:N) instead of accelerate/torchrun with several processes")
+
+
 def _positive_int(value: Any, name: str) -> int:
     try:
         n = int(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a positive integer, got {value!r} (automatic batch sizes are not "
-                         "supported)") from None
+        raise ValueError(f"{name} must be a positive integer, got {value!r}"
+                         + (" (automatic batch sizes are not supported)" if name == "batch_size" else "")) from None
     if n < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return n

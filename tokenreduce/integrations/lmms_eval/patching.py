@@ -18,6 +18,10 @@ import tokenreduce
 UNPATCHED = ("none", "unpatched", "baseline")
 
 
+class PatchRefused(ValueError):
+    """``tokenreduce.patch`` refused this method (or its values) on this model; the message says why."""
+
+
 @dataclass
 class PatchSpec:
     """``method`` with ``params``, or ``config`` (a path or a name under configs/, params overriding it)."""
@@ -63,7 +67,10 @@ class PatchSpec:
             if tokenreduce.is_patched(model):
                 tokenreduce.unpatch(model)
             return
-        tokenreduce.patch(model, self.method, **self.params)
+        try:
+            tokenreduce.patch(model, self.method, **self.params)
+        except (TypeError, ValueError) as e:  # validated before the model was touched: it is as it was
+            raise PatchRefused(f"{self.label} on {type(model).__name__}: {e}") from e
 
 
 def coerce(value: Any) -> Any:
@@ -94,4 +101,4 @@ def _load_config(ref: str) -> Any:
     return load_config(ref)
 
 
-__all__ = ["PatchSpec", "UNPATCHED", "coerce"]
+__all__ = ["PatchRefused", "PatchSpec", "UNPATCHED", "coerce"]
