@@ -97,8 +97,8 @@ def test_eval_prints_paper_beside_measured(tmp_path, capsys, monkeypatch):
     import json
     from .test_data import make_fmnist
     from safetensors.torch import save_file
-    from tokenreduce.eval_cli import main
-    from tokenreduce.reference import REFERENCE_ARCH, create_reference_model
+    from tokenreduce.cli.eval import main
+    from tokenreduce.evaluation.reference import REFERENCE_ARCH, create_reference_model
     arch = dict(REFERENCE_ARCH, embed_dim=16, num_heads=2, depth=2)
     ckpt = tmp_path / "ref.safetensors"
     save_file(create_reference_model(arch).state_dict(), str(ckpt))

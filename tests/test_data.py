@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenreduce.data import (FMNIST_MEAN, FMNIST_STD, FashionMNIST, eval_data_config, fashion_mnist_dir,
+from tokenreduce.evaluation.datasets import (FMNIST_MEAN, FMNIST_STD, FashionMNIST, eval_data_config, fashion_mnist_dir,
                               image_folder, read_idx)
 
 

@@ -66,7 +66,7 @@ def test_fashion_mnist_data():
     """The project's default dataset feeds the search (training split, at the model's input size)."""
     import pytest
     from tokenreduce.train.trainer import training_data as _dataset
-    from tokenreduce.reference import create_reference_model
+    from tokenreduce.evaluation.reference import create_reference_model
     try:
         data = _dataset(SearchConfig(data="fashion-mnist"), create_reference_model())
     except FileNotFoundError as e:

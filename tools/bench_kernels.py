@@ -21,6 +21,7 @@ Without a CUDA device the script stops with a message: interpreter timings say n
 """
 from __future__ import annotations
 
+import _checkout  # noqa: F401,I001  (run from a plain checkout: puts the repository on sys.path)
 import argparse
 import math
 import sys

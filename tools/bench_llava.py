@@ -15,6 +15,7 @@ inside it after layer K).
 """
 from __future__ import annotations
 
+import _checkout  # noqa: F401,I001  (run from a plain checkout: puts the repository on sys.path)
 import argparse
 import statistics
 import sys

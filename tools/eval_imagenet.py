@@ -8,9 +8,10 @@
 With no arguments: the offline default job (Fashion-MNIST + the reference ViT), as `tokenreduce eval`.
 All options: `python tools/eval_imagenet.py --help` (the same as `tokenreduce eval --help`).
 """
+import _checkout  # noqa: F401,I001  (run from a plain checkout: puts the repository on sys.path)
 import sys
 
-from tokenreduce.eval_cli import main
+from tokenreduce.cli.eval import main
 
 if __name__ == "__main__":
     sys.exit(main(prog="tools/eval_imagenet.py"))

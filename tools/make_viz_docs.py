@@ -63,7 +63,7 @@ SITE_NOTES = {
 
 
 def reference_checkpoint() -> Optional[Path]:
-    from tokenreduce.reference import REFERENCE_CHECKPOINT
+    from tokenreduce.evaluation.reference import REFERENCE_CHECKPOINT
     path = Path(os.environ.get("TOKENREDUCE_REFERENCE", REFERENCE_CHECKPOINT))
     return path if path.is_file() else None
 

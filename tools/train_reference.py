@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the reference ViT on Fashion-MNIST (the model the offline default evaluation patches).
 
-A plain timm ``VisionTransformer`` (see ``tokenreduce.reference.REFERENCE_ARCH``): 28×28 grey images, 2×2
+A plain timm ``VisionTransformer`` (see ``tokenreduce.evaluation.reference.REFERENCE_ARCH``): 28×28 grey images, 2×2
 patches, 196 patch tokens + CLS, 12 blocks. Recipe: AdamW, linear warm-up then cosine decay per step, label
 smoothing, random-shift (pad 2) + horizontal-flip augmentation, gradient clipping.
 
@@ -19,6 +19,7 @@ holding the measured test accuracy.
 """
 from __future__ import annotations
 
+import _checkout  # noqa: F401,I001  (run from a plain checkout: puts the repository on sys.path)
 import argparse
 import json
 import math
@@ -33,8 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenreduce.data import FashionMNIST, normalize_fmnist
-from tokenreduce.reference import REFERENCE_ARCH, REFERENCE_CHECKPOINT, count_parameters, create_reference_model
+from tokenreduce.evaluation.datasets import FashionMNIST, normalize_fmnist
+from tokenreduce.evaluation.reference import REFERENCE_ARCH, REFERENCE_CHECKPOINT, count_parameters, create_reference_model
 
 
 def parse_args(argv: List[str] | None = None) -> argparse.Namespace:

@@ -82,7 +82,7 @@ class Adapter:
         n_out = rec.layers[-1].tokens_out
         size = rec.size if rec.size is not None else torch.ones(rec.batch, n_out, dtype=rec.dtype, device=rec.device)
         source = rec.source
-        if self.options.get("trace_source") and source is None:
+        if self.options.get("trace_source") and source is None and rec.size is None:  # nothing was reduced
             source = torch.eye(n_out, dtype=rec.dtype, device=rec.device).expand(rec.batch, n_out, n_out)
         valid = rec.valid
         return ReductionInfo(size=size.detach(), source=source.detach() if source is not None else None,

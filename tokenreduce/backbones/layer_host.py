@@ -229,14 +229,21 @@ class _PreviewDone(Exception):
 
 
 class PreviewTap:
-    """Captures q / k / v at ``BLOCK_IN`` and stops the attention once all of them arrived."""
+    """Forward hook of a ``BLOCK_IN`` layer (installed once, like :class:`Tap`): stores a module's output in the
+    current record's taps and, during that layer's preview pass, stops the attention once every wanted tensor
+    arrived. Installed at patch time rather than per pass, so a compiled forward registers no hooks (a class, so a
+    patched model pickles)."""
 
-    def __init__(self, record: ForwardRecord, name: str, wanted: FrozenSet[str]) -> None:
-        self.record, self.name, self.wanted = record, name, wanted
+    def __init__(self, host: "LayerHost", name: str) -> None:
+        self.host, self.name = host, name
 
     def __call__(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-        setattr(self.record.taps, self.name, output)
-        if all(getattr(self.record.taps, w) is not None for w in self.wanted):
+        rec = self.host.owner.record
+        if rec is None:
+            return
+        setattr(rec.taps, self.name, output)
+        wanted = self.host.previewing
+        if wanted and all(getattr(rec.taps, w) is not None for w in wanted):
             raise _PreviewDone
 
 
@@ -282,13 +289,16 @@ class LayerHost:
         # mode (eval / training), or always with trace_source=True.
         self.trace_by_mode = {mode: bool(trace_source) or any(Need.SOURCE in needs for needs in per_layer)
                               for mode, per_layer in self.needs_by_mode.items()}
+        # What a BLOCK_IN preview waits for, per mode and layer (sorted names; no set algebra in the forward).
+        self.preview_taps = {mode: [tuple(sorted(self._taps_for(needs))) for needs in per_layer]
+                             for mode, per_layer in self.needs_by_mode.items()}
+        self.previewing: Tuple[str, ...] = ()  # set only while a preview pass runs
         for i, layer in enumerate(self.layers):
             patcher.set_forward(layer, LayerForward(self, i))
-            if self.site == Site.BLOCK_IN:
-                continue  # taps are installed per preview pass
             taps = self._taps_for(self.needs_by_mode[False][i] | self.needs_by_mode[True][i])
+            hook = PreviewTap if self.site == Site.BLOCK_IN else Tap
             for name, module in self.family.tap_modules(layer, taps).items():
-                patcher.hook(module.register_forward_hook(Tap(self, name)))
+                patcher.hook(module.register_forward_hook(hook(self, name)))
 
     @staticmethod
     def _taps_for(needs: FrozenSet[str]) -> FrozenSet[str]:
@@ -371,19 +381,17 @@ class LayerHost:
     def _preview_and_reduce(self, rec: ForwardRecord, i: int, x: torch.Tensor, user_mask: Optional[torch.Tensor],
                             kwargs: Dict[str, Any]) -> torch.Tensor:
         """``BLOCK_IN``: capture this layer's q / k / v on its input (stopping the attention there), then reduce."""
-        layer, needs = self.layers[i], self._needs(i)
+        layer = self.layers[i]
         mask = attention_mask(rec.size, rec.valid, self.owner.method.prop_attn, user_mask, x.shape[1], x.dtype)
-        wanted = self._taps_for(needs)
+        wanted = self.preview_taps[bool(layer.training)][i]
         if wanted:
-            handles = [m.register_forward_hook(PreviewTap(rec, name, wanted))
-                       for name, m in self.family.tap_modules(layer, wanted).items()]
+            self.previewing = wanted
             try:
                 self.family.attend(layer, self.family.norm1(layer)(x), mask, dict(kwargs))
             except _PreviewDone:
                 pass
             finally:
-                for h in handles:
-                    h.remove()
+                self.previewing = ()
         return self._reduce(rec, i, x, mask)
 
     # -- MACs --------------------------------------------------------------------------------------------------

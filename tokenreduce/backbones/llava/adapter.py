@@ -221,10 +221,9 @@ class LlavaAdapter(Adapter):
             return self._llm_info()
         rec = self.finished_record()
         cost = tower_cost(self.vision, self._vision_host())
-        if method.site == Site.TOWER_OUT:
+        if method.site == Site.TOWER_OUT:  # the tower runs whole; the method acts on its output
             n = rec.layers[-1].tokens_in
-            blocks = [(n, n)] * (self.feature_layer + 1)
-            info = self.vision_info(cost.macs(blocks))
+            info = self.vision_info(cost.macs([(n, n)] * (self.feature_layer + 1)))
             info.tokens_per_layer = [n] * (self.feature_layer + 1)
             return info
         return self.vision_info(cost.macs([(l.tokens_in, l.tokens_mid) for l in rec.layers]))

@@ -470,9 +470,12 @@ class DecoderSite:
         gather = lambda t: gather_tokens(t, kept.clamp(min=0))  # noqa: E731
         valid = out.valid if out.valid is not None else gather(p.valid) | synthesised
         image = out.image_mask if out.image_mask is not None else gather(p.image_mask) & ~synthesised
+        # -1 also where the method turned a real token into padding (re-padding samples of different lengths):
+        # such a slot is no prompt token, so it carries no label.
+        added_pad = ~valid & gather(p.valid)
         p.valid, p.image_mask = valid, image
         p.positions = gather(p.positions)
-        p.kept = torch.where(synthesised, torch.full_like(kept, -1), gather(p.kept))
+        p.kept = torch.where(synthesised | added_pad, torch.full_like(kept, -1), gather(p.kept))
         rec.kept[j] = kept
         if self.renumber:
             offset = p.past_valid.sum(dim=1) if p.past_valid is not None else None
@@ -521,5 +524,6 @@ class DecoderSite:
 
     # -- info --------------------------------------------------------------------------------------------------
     def final_kept(self, p: DecoderPass) -> Optional[torch.Tensor]:
-        """``[B, S']`` index into the prompt of every token the last layer saw (-1: synthesised), or None."""
+        """``[B, S']`` index into the prompt of every token the last layer saw (-1: synthesised, or padding a method
+        added), or None."""
         return p.kept if p is not None and p.pruned else None

@@ -146,11 +146,12 @@ class TowerSite:
         state = TokenState(x=x, size=rec.ensure_size(x), num_prefix=self.num_prefix, layer=self.feature_layer,
                            carry=rec.carry, **found)
         out = run_reduce(method, state)
-        n = x.shape[1]
-        rec.finish_layer(self.feature_layer, n, n, x)
         if out is state:
+            rec.finish_layer(self.feature_layer, x.shape[1], x.shape[1], x)
             return selected
-        return apply_result(rec, method, state, out)
+        reduced = apply_result(rec, method, state, out)
+        rec.finish_layer(self.feature_layer, x.shape[1], x.shape[1], reduced)
+        return reduced
 
     def output_tokens(self, num_tokens: int) -> Optional[int]:
         """Tokens per image the method returns for a feature layer of ``num_tokens`` (None: content-dependent)."""

@@ -14,28 +14,29 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 #: name -> (module, function taking argv, one-line help)
 COMMANDS: Dict[str, Tuple[str, str, str]] = {
-    "eval": ("tokenreduce.eval_cli", "main",
+    "eval": ("tokenreduce.cli.eval", "main",
              "evaluate a model unpatched and with methods (top-1/top-5, GFLOPs, img/s); no arguments: the "
              "offline Fashion-MNIST default job"),
-    "bench": ("tokenreduce.benchmark", "main", "throughput of unpatched vs patched timm models"),
+    "bench": ("tokenreduce.cli.bench", "main", "throughput of unpatched vs patched timm models"),
     "search-rates": ("tokenreduce.diffrate_search", "main",
                      "DiffRate rate search: learn per-block kept counts for a FLOPs target"),
-    "methods": ("tokenreduce.cli", "methods_main", "list the registered methods with parameters and defaults"),
-    "visualize": ("tokenreduce.viz", "visualize_main", "draw which patches a method merged or dropped (PNG)"),
-    "plot": ("tokenreduce.viz", "plot_main", "accuracy vs GFLOPs and vs img/s from eval results files (PNG)"),
+    "methods": ("tokenreduce.cli.methods", "main", "list the registered methods with parameters and defaults"),
+    "visualize": ("tokenreduce.cli.visualize", "main", "draw which patches a method merged or dropped (PNG)"),
+    "plot": ("tokenreduce.cli.plot", "main", "accuracy vs GFLOPs and vs img/s from eval results files (PNG)"),
+    "eval-vlm": ("tokenreduce.integrations.lmms_eval.eval_vlm", "main",
+                 "benchmark a VLM unpatched and with methods x budgets through lmms-eval (needs tokenreduce[lmms])"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser (only for ``--help`` / ``--version``: subcommands parse their own arguments)."""
-    from . import __version__
+    from .. import __version__
     p = argparse.ArgumentParser(
         prog="tokenreduce", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Token merging and pruning for vision transformers.",
@@ -83,53 +84,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result = func(rest)
     # Subcommands return an exit status, or their results (benchmark rows, a search summary): success.
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# tokenreduce methods
-# ---------------------------------------------------------------------------------------------------------------
-def methods_main(argv: Optional[Sequence[str]] = None) -> int:
-    """``tokenreduce methods [NAME ...] [--json]``: methods, where they act, what they need, their parameters."""
-    from .methods import get_method, list_methods, method_params
-    p = argparse.ArgumentParser(prog="tokenreduce methods", description=methods_main.__doc__.split(": ", 1)[1])
-    p.add_argument("names", nargs="*", metavar="NAME", help="only these methods (default: all registered)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--common", action="store_true", help="also list the options every method accepts")
-    args = p.parse_args(argv)
-    names = args.names or list_methods()
-    try:
-        classes = {n: get_method(n) for n in names}
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from .methods import COMMON_PARAMS
-    listing = []
-    for name, cls in classes.items():
-        params = {k: v for k, v in method_params(name).items() if args.common or k not in COMMON_PARAMS}
-        listing.append({"name": name, "summary": cls.summary, "site": cls.site.value, "needs": sorted(cls.needs),
-                        "params": {k: {"default": _jsonable(v.default), "doc": v.doc} for k, v in params.items()}})
-    if args.json:
-        print(json.dumps(listing, indent=1))
-        return 0
-    for m in listing:
-        needs = ", ".join(m["needs"]) or "nothing"
-        print(f"{m['name']}: {m['summary']}\n  acts at {m['site']}; needs {needs}")
-        for key, info in m["params"].items():
-            print(f"    {key} = {info['default']!r}\n        {info['doc']}")
-        print()
-    if not args.common:
-        print("Every method also accepts: " + ", ".join(
-            f"{k} (default {v.default!r})" for k, v in COMMON_PARAMS.items()) + ". Use --common for details.")
-    print("Use: tokenreduce.patch(model, NAME, key=value, ...) or tokenreduce eval --method NAME --param key=value")
-    return 0
-
-
-def _jsonable(value: Any) -> Any:
-    try:
-        json.dumps(value)
-        return value
-    except TypeError:
-        return repr(value)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,13 +12,9 @@ counted exactly once.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import math
-import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -26,11 +22,16 @@ import torch
 import torch.nn as nn
 import yaml
 
-from . import api
-from .configs import CONFIG_DIR, ConfigError, load_config
-from .data import FashionMNIST, describe_transform, fashion_mnist_dir, eval_data_config, image_folder
-from .evaluate import AMP_DTYPES, evaluate, init_distributed, make_loader, rank_and_world
-from .methods import get_method, list_methods, resolve_params
+from .. import api
+from ..configs import CONFIG_DIR, ConfigError, load_config
+from ..core import get_method, list_methods, resolve_params
+from ..evaluation.datasets import FashionMNIST, describe_transform, eval_data_config, fashion_mnist_dir, image_folder
+from ..evaluation.distributed import init_distributed, make_loader, rank_and_world
+from ..evaluation.evaluate import evaluate
+from ..evaluation.models import build_model as build_named_model
+from ..evaluation.report import format_params, markdown_table, number, short_params, write_rows
+from ..evaluation.timing import AMP_DTYPES, device_description
+from .common import parse_params
 
 DEFAULT_EVAL_CONFIG = CONFIG_DIR / "default_eval.yaml"
 DEFAULT_RESULTS = Path("results") / "default.json"
@@ -139,17 +140,6 @@ def _wrap(text: str) -> str:
     return "\n\n".join(textwrap.fill(par, 100) for par in text.split("\n\n"))
 
 
-def parse_params(items: Sequence[str]) -> Dict[str, Any]:
-    """``["r=13", "prop_attn=false"]`` -> ``{"r": 13, "prop_attn": False}`` (values are YAML)."""
-    params: Dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise SystemExit(f"error: --param expects KEY=VALUE, got {item!r}")
-        params[key.strip()] = yaml.safe_load(value)
-    return params
-
-
 def is_default_job(args: argparse.Namespace) -> bool:
     """No data, model, method or config named: evaluate the reference model with every method."""
     return not any([args.data, args.model, args.method, args.config, args.param])
@@ -158,44 +148,9 @@ def is_default_job(args: argparse.Namespace) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 # Model and data
 # ---------------------------------------------------------------------------------------------------------------
-def load_weights(model: nn.Module, path: str) -> None:
-    """Load a safetensors or torch checkpoint (``weights_only=True``), unwrapping ``model`` / ``state_dict``
-    containers and DDP's ``module.`` prefix; falls back to timm's checkpoint filter for foreign layouts (e.g.
-    the MAE fine-tuned weights)."""
-    if path.startswith(("http://", "https://")):
-        state = torch.hub.load_state_dict_from_url(path, map_location="cpu", weights_only=True)
-    elif path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError:
-        from timm.models.vision_transformer import checkpoint_filter_fn
-        model.load_state_dict(checkpoint_filter_fn(state, model))
-
-
 def build_model(args: argparse.Namespace, model_kwargs: Dict[str, Any]) -> nn.Module:
     """The timm model named by ``--model`` (or the reference Fashion-MNIST ViT), weights loaded, eval mode."""
-    from .reference import create_reference_model, load_reference_model
-    if args.model is None:
-        if args.checkpoint:
-            return load_reference_model(args.checkpoint)
-        return load_reference_model()
-    import timm
-    if args.model == "fmnist_reference":
-        model = create_reference_model(**model_kwargs)
-    else:
-        model = timm.create_model(args.model, pretrained=args.pretrained, **model_kwargs)
-    if args.checkpoint:
-        load_weights(model, args.checkpoint)
-    return model.eval()
+    return build_named_model(args.model, args.checkpoint, args.pretrained, **model_kwargs)
 
 
 def is_fmnist_dir(path: Optional[str]) -> bool:
@@ -228,20 +183,6 @@ def build_dataset(args: argparse.Namespace, model: nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # Runs
 # ---------------------------------------------------------------------------------------------------------------
-def fmt_params(params: Dict[str, Any]) -> str:
-    """``r=8, prop_attn=false``: the full parameters (results files)."""
-    return ", ".join(f"{k}={json.dumps(v)}" for k, v in params.items())
-
-
-def short_params(params: Dict[str, Any]) -> str:
-    """A compact form for table rows: long lists are shortened to their ends (``[197,197,...,55]``)."""
-    def short(v: Any) -> str:
-        if isinstance(v, (list, tuple)) and len(v) > 4:
-            return f"[{json.dumps(v[0])},{json.dumps(v[1])},...,{json.dumps(v[-1])}]"
-        return json.dumps(v, separators=(",", ":"))
-    return " ".join(f"{k}={short(v)}" for k, v in params.items())
-
-
 def load_default_job(path: str) -> Tuple[List[Run], Dict[str, Any]]:
     """The default job's runs: the unpatched model, then every registered method at its setting(s) from the
     YAML file (a mapping of parameters, or a list of them for several points); a method without an entry runs
@@ -272,7 +213,7 @@ def plan_runs(args: argparse.Namespace) -> Tuple[List[Run], Dict[str, Any]]:
     if args.config:
         cfg = load_config(args.config)
         if args.method and args.method != cfg.method:
-            raise SystemExit(f"error: --method {args.method} contradicts {args.config} (a {cfg.method} config)")
+            raise ValueError(f"--method {args.method} contradicts {args.config} (a {cfg.method} config)")
         params = {**cfg.params, **given}
         resolve_params(cfg.method, params)
         extra = {"model": cfg.model, "model_kwargs": cfg.model_kwargs, "checkpoint": cfg.checkpoint,
@@ -284,7 +225,7 @@ def plan_runs(args: argparse.Namespace) -> Tuple[List[Run], Dict[str, Any]]:
         runs = [Run(f"{args.method} {short_params(given)}".strip(), args.method, given)]
     else:
         if given:
-            raise SystemExit("error: --param needs --method or --config")
+            raise ValueError("--param needs --method or --config")
         return [Run("unpatched")], extra
     if args.baseline:
         paper = {"top1": extra.get("paper", {}).get("baseline_top1")} if extra.get("paper") else {}
@@ -292,27 +233,22 @@ def plan_runs(args: argparse.Namespace) -> Tuple[List[Run], Dict[str, Any]]:
     return runs, extra
 
 
-def unsupported_reason(model: nn.Module, method: str) -> Optional[str]:
-    """Why ``method`` cannot run on this model (a site or input the adapter lacks), or None."""
-    from .backbones import find_adapter
-    adapter = find_adapter(model)
-    cls = get_method(method)
-    if cls.site not in adapter.sites:
-        needs = "a LLaVA model" if cls.site.value in ("tower_out", "llm_layer") else f"site {cls.site.value}"
-        return f"skipped: acts at {cls.site.value}, needs {needs}"
-    missing = set(cls.needs) - set(adapter.provides)
-    if missing:
-        return f"skipped: needs {sorted(missing)} from the model"
+def unsupported_reason(model: nn.Module, run: "Run") -> Optional[str]:
+    """Why ``patch`` would refuse this run on this model (a site or input the model lacks), or None."""
+    try:
+        api.check(model, run.method, **run.params)
+    except (TypeError, ValueError) as e:
+        return f"skipped: {e}"
     return None
 
 
 def execute(run: Run, model: nn.Module, loader, args: argparse.Namespace, device: torch.device,
             timing: Dict[str, Any]) -> Row:
     """Patch, evaluate, unpatch; a failure becomes a 'failed' row so one broken method does not stop the job."""
-    row = Row(run.label, run.method or "none", fmt_params(run.params), "ok", note=run.note,
+    row = Row(run.label, run.method or "none", format_params(run.params), "ok", note=run.note,
               paper_top1=run.paper.get("top1"))
     if run.method:
-        reason = unsupported_reason(model, run.method)
+        reason = unsupported_reason(model, run)
         if reason:
             row.status, row.note = "skipped", reason
             return row
@@ -353,85 +289,16 @@ def add_differences(rows: List[Row]) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------------------------
-def _f(v: Optional[float], fmt: str) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
-
-
 def format_table(rows: Sequence[Row]) -> str:
     head = ["method", "top-1", "Δtop-1", "top-5", "GFLOPs", "img/s", "speedup", "note"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cells = []
     for r in rows:
         note = r.note if r.status != "ok" or not r.paper_top1 else (
             f"paper: {r.paper_top1:.2f}, here: {r.top1:.2f}" + (f"; {r.note}" if r.note else ""))
-        lines.append(f"| {r.label} | {_f(r.top1, '.2f')} | {_f(r.delta_top1, '+.2f')} | {_f(r.top5, '.2f')} | "
-                     f"{_f(r.gflops, '.4f')} | {_f(r.img_per_s, '.0f')} | "
-                     f"{_f(r.speedup, '.2f') + 'x' if r.speedup else '-'} | {note} |")
-    return "\n".join(lines)
-
-
-def write_results(path: Path, rows: Sequence[Row], meta: Dict[str, Any]) -> Tuple[Path, Path]:
-    """``path`` as JSON ({meta..., rows: [...]}) and the same rows as CSV beside it."""
-    path = Path(path)
-    json_path = path if path.suffix == ".json" else path.with_suffix(".json")
-    csv_path = json_path.with_suffix(".csv")
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps({**meta, "rows": [asdict(r) for r in rows]}, indent=1) + "\n")
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
-    return json_path, csv_path
-
-
-def pareto_front(points: Sequence[Tuple[float, float]]) -> List[Tuple[float, float]]:
-    """The (GFLOPs, top-1) points no other point beats on both (lower GFLOPs, higher top-1), by GFLOPs."""
-    front, best = [], -math.inf
-    for g, a in sorted(points, key=lambda p: (p[0], -p[1])):
-        if a > best:
-            front.append((g, a))
-            best = a
-    return front
-
-
-def plot_pareto(rows: Sequence[Row], path: Path, title: str) -> Optional[Path]:
-    """Top-1 against GFLOPs, one marker per method, the Pareto front as a line. None without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    ok = [r for r in rows if r.status == "ok"]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    methods = sorted({r.method for r in ok})
-    cmap = plt.get_cmap("tab10")
-    for i, m in enumerate(methods):
-        pts = sorted((r.gflops, r.top1) for r in ok if r.method == m)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="*" if m == "none" else "o",
-                markersize=12 if m == "none" else 6, color=cmap(i % 10), label="unpatched" if m == "none" else m,
-                linestyle="-" if len(pts) > 1 else "none")
-    base = next((r for r in ok if r.method == "none"), None)
-    if base is not None:
-        ax.axhline(base.top1, color="0.75", linewidth=0.8, linestyle="--", zorder=0)
-    front = pareto_front([(r.gflops, r.top1) for r in ok])
-    ax.plot([p[0] for p in front], [p[1] for p in front], color="0.6", linestyle=":", zorder=0, label="Pareto front")
-    ax.set_xlabel("GFLOPs per image (analytic MACs)")
-    ax.set_ylabel("top-1 (%)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    threads = torch.get_num_threads()
-    return f"{platform.processor() or platform.machine()} CPU, {threads} thread{'s' if threads > 1 else ''}"
+        cells.append([r.label, number(r.top1, ".2f"), number(r.delta_top1, "+.2f"), number(r.top5, ".2f"),
+                      number(r.gflops, ".4f"), number(r.img_per_s, ".0f"),
+                      number(r.speedup, ".2f") + "x" if r.speedup else "-", note])
+    return markdown_table(head, cells)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -478,7 +345,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "tokenreduce eval") -
     say(f"model: {model_desc}\ndata: {data_desc}\ndevice: {device_description(device)} x {world} process(es); "
         f"batch {batch}, amp {args.amp or 'off'}")
     if default_job and args.limit is None:
-        say(f"(the default job evaluates a subset so it finishes in minutes on a CPU; --limit 0 for all 10000)")
+        say("(the default job evaluates a subset so it finishes in minutes on a CPU; --limit 0 for all 10000)")
     if options.get("not_registered"):
         say(f"note: default_eval.yaml has settings for methods not registered here: {options['not_registered']}")
     rows = []
@@ -486,7 +353,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "tokenreduce eval") -
         row = execute(run, model, loader, args, device, options.get("timing") or {})
         rows.append(row)
         if row.status == "ok":
-            say(f"  {row.label}: top-1 {row.top1:.2f}  GFLOPs {row.gflops:.4f}  img/s {_f(row.img_per_s, '.0f')}"
+            say(f"  {row.label}: top-1 {row.top1:.2f}  GFLOPs {row.gflops:.4f}  img/s {number(row.img_per_s, '.0f')}"
                 f"  ({row.seconds:.1f}s)" + (f"  paper: {row.paper_top1:.2f}, here: {row.top1:.2f}"
                                             if row.paper_top1 else ""))
         else:
@@ -532,11 +399,12 @@ def _report(rows: List[Row], args: argparse.Namespace, default_job: bool, meta: 
     print(f"\nGFLOPs: analytic multiply-accumulates per image; speedup: img/s against the unpatched model, "
           f"measured here ({meta['device']}); wall time {meta['wall_seconds']:.0f}s")
     if args.results_file:
-        json_path, csv_path = write_results(Path(args.results_file), rows, meta)
+        json_path, csv_path = write_rows(Path(args.results_file), rows, meta)
         print(f"wrote {json_path} and {csv_path}")
     if args.plot:
+        from ..viz.results import plot_pareto
         title = f"{meta['model']}\n{meta['data']}"
-        written = plot_pareto(rows, Path(args.plot), title)
+        written = plot_pareto([r for r in rows if r.status == "ok"], Path(args.plot), title)
         print(f"wrote {written}" if written else "no plot: matplotlib is not installed "
               "(pip install 'tokenreduce[plot]')")
 

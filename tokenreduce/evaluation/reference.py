@@ -14,8 +14,8 @@ from typing import Any, Dict, Optional, Union
 
 import torch.nn as nn
 
-from .data import FMNIST_MEAN, FMNIST_STD
-from .resources import data_dir
+from .datasets import FMNIST_MEAN, FMNIST_STD
+from ..resources import data_dir
 
 #: The committed checkpoint; ``TOKENREDUCE_REFERENCE`` points elsewhere (e.g. a fresh training run).
 REFERENCE_CHECKPOINT = data_dir("checkpoints") / "fmnist_vit_reference.safetensors"

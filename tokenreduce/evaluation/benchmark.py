@@ -1,0 +1,66 @@
+"""Throughput of unpatched timm models (SDPA) against patched ones, with the FLOP-implied speedup beside it.
+
+    rows = benchmark("vit_base_patch16_224", [("tome", {"r": 13})], batch_size=256, dtype="bf16", device="cuda")
+
+Every configuration is warmed up, then the configurations take turns for ``repeats`` rounds of ``iters``
+synchronised forwards each (:func:`~tokenreduce.evaluation.timing.time_forwards`); the median round of each is
+reported. The command line is ``tokenreduce bench`` (:mod:`tokenreduce.cli.bench`).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .. import api
+from .report import format_params, markdown_table
+from .timing import DTYPES, time_forwards
+
+
+@dataclass
+class Row:
+    model: str
+    method: str
+    params: str
+    batch_size: int
+    dtype: str
+    device: str
+    img_per_s: float
+    gflops: float
+    speedup: float
+    flop_speedup: float
+    efficiency: float  # speedup / flop_speedup: 1.0 means the reduction costs nothing
+
+
+def benchmark(model_name: str, runs: Sequence[Tuple[str, Dict[str, Any]]], *, batch_size: int = 32,
+              dtype: str = "fp32", device: str = "cpu", img_size: Optional[int] = None, pretrained: bool = False,
+              iters: int = 3, repeats: int = 5, warmup: int = 2, compile: bool = False) -> List[Row]:
+    """Time the unpatched model, then each ``(method, params)`` on copies of the same model and input."""
+    import timm
+
+    dev = torch.device(device)
+    kwargs = {"img_size": img_size} if img_size else {}
+    model = timm.create_model(model_name, pretrained=pretrained, **kwargs).to(dev, DTYPES[dtype]).eval()
+    size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    hw = img_size or size[-1]
+    x = torch.randn(batch_size, size[0], hw, hw, device=dev, dtype=DTYPES[dtype])
+    variants = [model] + [api.patch(copy.deepcopy(model), method, **params) for method, params in runs]
+    macs = [api.count_macs(m, x) for m in variants]
+    timed = [torch.compile(m) for m in variants] if compile else variants
+    rates = time_forwards(timed, x, iters=iters, repeats=repeats, warmup=warmup)
+    rows = []
+    for (method, params), rate, mac in zip([("none", {})] + list(runs), rates, macs):
+        speedup, flop_speedup = rate / rates[0], macs[0] / mac
+        rows.append(Row(model_name, method, format_params(params), batch_size, dtype, str(dev), rate, mac / 1e9,
+                        speedup, flop_speedup, speedup / flop_speedup))
+    return rows
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    head = ["model", "method", "params", "batch", "dtype", "img/s", "GFLOPs", "speedup", "FLOP speedup",
+            "efficiency"]
+    return markdown_table(head, [[r.model, r.method, r.params or "-", r.batch_size, r.dtype, f"{r.img_per_s:.1f}",
+                                  f"{r.gflops:.2f}", f"{r.speedup:.2f}x", f"{r.flop_speedup:.2f}x",
+                                  f"{r.efficiency:.2f}"] for r in rows])
