@@ -40,7 +40,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 def attention_row(lm, i: int, hidden: torch.Tensor, positions: torch.Tensor, row: int) -> torch.Tensor:
     """``[H, S]`` causal softmax probabilities of query ``row`` in decoder layer ``i`` run on ``hidden [S, C]`` at
-    ``positions [S]``: q/k projections of the layer's input norm, RoPE, ``q·k / sqrt(d)``, one head at a time."""
+    ``positions [S]``: q/k projections of the layer's input norm (and per-head q/k norms where the model has them),
+    RoPE, ``q·k / sqrt(d)``, one head at a time."""
     layer = lm.layers[i]
     attn = layer.self_attn
     cfg = lm.config
@@ -50,6 +51,8 @@ def attention_row(lm, i: int, hidden: torch.Tensor, positions: torch.Tensor, row
         normed = layer.input_layernorm(hidden[None])[0]
         q = attn.q_proj(normed).view(-1, heads, d)
         k = attn.k_proj(normed).view(-1, kv_heads, d)
+        if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm of q and k before RoPE
+            q, k = attn.q_norm(q), attn.k_norm(k)
         cos, sin = lm.rotary_emb(hidden[None], positions[None])
         cos, sin = cos[0], sin[0]
         out = []

@@ -41,7 +41,7 @@ def fastv_reference(layer, count):
     return run
 
 
-@pytest.mark.parametrize("text_model", ["llama", "qwen2"])
+@pytest.mark.parametrize("text_model", ["llama", "qwen2", pytest.param("qwen3", marks=pytest.mark.slow)])
 def test_batched_equals_reference_and_alone(text_model):
     """Per-sample ranking (upstream uses batch row 0): left and right padding, different prompt lengths, a prompt with
     two images (16 kept per image); prefill logits equal the reference, generate equals each prompt alone."""
@@ -117,3 +117,30 @@ def test_default_is_the_papers_half():
     method = FastV(Geometry(num_blocks=32, num_prefix=0, num_patches=None, dim=8, num_heads=2),
                    layer=2, keep=None, keep_ratio=None, drop_ratio=None)
     assert method.count(576) == 288 and method.acts_at(2) and not method.acts_at(1)
+
+
+def test_static_cache_refused():
+    model = tiny_llava(lm_layers=3)
+    rows = prompts(lengths=((3, 5),))
+    ids = rows[0][None]
+    tokenreduce.patch(model, "fastv", layer=1, keep=16)
+    with pytest.raises(ValueError, match="static"):
+        greedy(model, ids, torch.ones_like(ids), pixels(1), cache_implementation="static")
+
+
+def test_added_padding_carries_no_label():
+    """Samples keeping different numbers of tokens are re-padded; those slots are no prompt token, so the loss path
+    (labels gathered by the final kept indices) must give them -100, whatever token 0's label is."""
+    from tokenreduce.api import _adapter_of
+    from ._llm_reference import mixed_prompts, pad
+    rows, _, px = mixed_prompts()
+    model = tiny_llava(lm_layers=3)
+    tokenreduce.patch(model, "fastv", layer=1, keep=16)
+    ids, mask = pad(rows, "right")
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=px, labels=ids)
+    adapter = _adapter_of(model)
+    kept = adapter.decoder.final_kept(adapter.record.decoder)
+    valid = tokenreduce.info(model).valid
+    assert bool((kept[~valid] == -1).all()) and bool((kept[valid] >= 0).all()) and int((~valid).sum()) == 32
+    assert torch.isfinite(out.loss)

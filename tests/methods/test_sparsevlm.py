@@ -78,7 +78,7 @@ def sparsevlm_reference(layers, counts, recycle_tokens=True):
     return run
 
 
-@pytest.mark.parametrize("text_model", ["llama", "qwen2"])
+@pytest.mark.parametrize("text_model", ["llama", "qwen2", pytest.param("qwen3", marks=pytest.mark.slow)])
 def test_batched_equals_reference_and_alone(text_model):
     """Per-sample raters, scores and recycling under left / right padding (upstream uses batch row 0), a two-image
     prompt (the table counts are per image), and a stage after the last layer (layer 3 of 4: only the prefill
