@@ -70,6 +70,7 @@ class FastV(ReductionMethod):
     name = "fastv"
     site = Site.LLM_LAYER
     positions = "keep"
+    compilable = False  # per-sample, data-dependent selection (runs of image tokens, counts): outside a graph
     needs = frozenset({Need.ATTN_ROWS, Need.IMAGE_MASK, Need.VALID})
     summary = "FastV: drop the image tokens the last prompt token attends to least at LLM layer K-1 (once, in prefill)"
     params = {

@@ -87,6 +87,7 @@ class PyramidDrop(ReductionMethod):
     name = "pdrop"
     site = Site.LLM_LAYER
     positions = "renumber"
+    compilable = False  # per-sample, data-dependent selection (runs of image tokens, counts): outside a graph
     needs = frozenset({Need.NEXT_ATTN_ROWS, Need.IMAGE_MASK, Need.VALID})
     summary = ("PyramidDrop: staged image-token dropping inside the LLM by the last instruction token's attention "
                "(layer L's own q/k), positions renumbered per stage")

@@ -133,6 +133,7 @@ class SparseVLM(ReductionMethod):
     name = "sparsevlm"
     site = Site.LLM_LAYER
     positions = "renumber"
+    compilable = False  # per-sample, data-dependent selection (runs of image tokens, counts): outside a graph
     needs = frozenset({Need.ATTN_ROWS, Need.IMAGE_MASK, Need.VALID})
     summary = ("SparseVLM v1.0: text-raters' attention prunes visual tokens after LLM layers 2/6/15, pruned tokens "
                "recycled by DPC-KNN")
