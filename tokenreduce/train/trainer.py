@@ -70,7 +70,7 @@ FASHION_MNIST = ("fashion-mnist", "fmnist")
 def build_model(cfg: TrainConfig) -> nn.Module:
     """A timm model by name, or ``"reference"``: the project's trained Fashion-MNIST ViT (tokenreduce.reference)."""
     if cfg.model == "reference":
-        from ..reference import load_reference_model
+        from ..evaluation.reference import load_reference_model
         return load_reference_model()
     import timm
     return timm.create_model(cfg.model, pretrained=cfg.pretrained, **(cfg.model_kwargs or {}))
@@ -87,7 +87,7 @@ def training_data(cfg: TrainConfig, model: nn.Module):
     if cfg.synthetic:
         return SyntheticImages(cfg.synthetic_size, data_cfg["input_size"], model.num_classes, cfg.seed)
     if cfg.data in FASHION_MNIST or (cfg.data is None and cfg.model == "reference"):
-        from ..data import FashionMNIST  # the project's offline default (its training split)
+        from ..evaluation.datasets import FashionMNIST  # the project's offline default (its training split)
         channels, height, _ = data_cfg["input_size"]
         return FashionMNIST(train=True, img_size=height, channels=channels)
     if not cfg.data:
