@@ -4,7 +4,7 @@
 #
 #   tools/ci/vllm_job.sh            # or: make test-vllm
 #
-# Environment: VLLM_VENV (default .venv-vllm), VLLM_JOB_TIMEOUT (seconds for the tests, default 600),
+# Environment: VLLM_VENV (default .venv-vllm), VLLM_JOB_TIMEOUT (seconds for the tests, default 900),
 # VLLM_INSTALL_TIMEOUT (seconds for the install, default 900). The venv is reused while this script is unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -95,7 +95,7 @@ mkdir -p build
 rm -f "$REPORT"
 export TOKENREDUCE_VLLM_REPORT=$PWD/$REPORT
 status=0
-timeout "${VLLM_JOB_TIMEOUT:-600}" "$PY" -m pytest -q -m vllm -p no:cacheprovider --disable-warnings -rfE \
+timeout "${VLLM_JOB_TIMEOUT:-900}" "$PY" -m pytest -q -m vllm -p no:cacheprovider --disable-warnings -rfE \
   tests/integrations/vllm || status=$?
 t2=$(date +%s)
 if [ -f "$REPORT" ]; then
@@ -103,5 +103,5 @@ if [ -f "$REPORT" ]; then
   cat "$REPORT"
 fi
 echo "vllm_job: install $((t1 - t0)) s, tests $((t2 - t1)) s, total $((t2 - t0)) s"
-[ "$status" -eq 124 ] && echo "vllm_job: the tests ran past VLLM_JOB_TIMEOUT=${VLLM_JOB_TIMEOUT:-600} s"
+[ "$status" -eq 124 ] && echo "vllm_job: the tests ran past VLLM_JOB_TIMEOUT=${VLLM_JOB_TIMEOUT:-900} s"
 exit "$status"

@@ -20,10 +20,12 @@ HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 if not HAVE_VLLM:
     collect_ignore_glob = ["*.py"]
 
-# vLLM on a small CPU, in-process (see ../shared/notes/vllm.md); set before vLLM reads them.
-for _k, _v in dict(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind",
-                   VLLM_WORKER_MULTIPROC_METHOD="spawn", TOKENIZERS_PARALLELISM="false").items():
-    os.environ.setdefault(_k, _v)
+# vLLM on a small CPU, in-process (see ../shared/notes/vllm.md); set before vLLM reads them, only where it runs.
+if HAVE_VLLM:
+    for _k, _v in dict(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
+                       VLLM_CPU_OMP_THREADS_BIND="nobind", VLLM_WORKER_MULTIPROC_METHOD="spawn",
+                       TOKENIZERS_PARALLELISM="false").items():
+        os.environ.setdefault(_k, _v)
 
 
 def pytest_configure(config):
