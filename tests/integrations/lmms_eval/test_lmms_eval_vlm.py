@@ -14,7 +14,7 @@ pytestmark = pytest.mark.lmms
 
 @pytest.fixture(scope="module")
 def smoke_job(tmp_path_factory):
-    """The default job restricted to two methods at one budget (the full default runs 9 runs, about a minute)."""
+    """The default job restricted to two methods at one budget (the full default is 23 runs, 1-3 minutes)."""
     out = tmp_path_factory.mktemp("eval_vlm")
     rc = eval_vlm.main(["--out", str(out), "--methods", "visionzip,dart", "--budgets", "8"])
     return rc, out
