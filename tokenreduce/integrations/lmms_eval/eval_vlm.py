@@ -371,15 +371,18 @@ def write_outputs(out: Path, rows: List[Row], tasks: Sequence[str], meta: Dict[s
 def plot_score_vs_tokens(rows: Sequence[Row], path: Path, title: str) -> Optional[Path]:
     """Relative score and same-answer share vs visual tokens kept, one line per method; None if nothing to plot."""
     points = [r for r in rows if r.error is None and r.visual_kept is not None]
-    if not any(r.relative is not None or r.same is not None for r in points):
-        return None
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    for ax, attr, label in ((axes[0], "relative", "score vs unpatched (%)"),
-                            (axes[1], "same", "answers same as unpatched (%)")):
+    # A panel only for what was measured (rel % is undefined when the unpatched model scores 0 everywhere).
+    panels = [(attr, label) for attr, label in (("relative", "score vs unpatched (%)"),
+                                                ("same", "answers same as unpatched (%)"))
+              if any(getattr(r, attr) is not None for r in points if r.run.method)]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), constrained_layout=True, squeeze=False)
+    for ax, (attr, label) in zip(axes[0], panels):
         for method in sorted({r.run.method for r in points if r.run.method}):
             pts = sorted((r.visual_kept, getattr(r, attr)) for r in points
                          if r.run.method == method and getattr(r, attr) is not None)
