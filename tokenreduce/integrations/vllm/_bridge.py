@@ -23,22 +23,21 @@ import torch.nn as nn
 from tokenreduce.api import build_method
 from tokenreduce.backbones.layer_host import LayerFamily, LayerHost, analysis, apply_result
 from tokenreduce.backbones.patcher import Patcher
-from tokenreduce.backbones.vlm.tower import TOWER_NEEDS, TowerSite
+from tokenreduce.backbones.llava import LlavaAdapter
+from tokenreduce.backbones.vlm.tower import TowerSite
 from tokenreduce.core import (ATTENTION_NEEDS, ForwardRecord, Geometry, Need, ReductionMethod, Site, TokenState,
                               all_needs, candidate_sites, get_method, list_methods, resolve_params)
-from tokenreduce.core.requirements import VISION_BLOCK_NEEDS, need_names
+from tokenreduce.core.requirements import need_names
 
 __all__ = ["LayerFamily", "Plan", "Tower", "TowerReducer", "Unsupported", "make_plan", "parse_spec",
            "servable_methods"]
 
-#: What the plugin offers per site: what tokenreduce's Hugging Face LLaVA adapter offers (so every servable spec has
-#: an HF reference), less the prompt's instruction text, which vLLM's encoder never sees (it encodes each image once
-#: and caches it across requests). ``LLM_LAYER`` methods act inside the language model and are refused.
+#: What the plugin offers per vision site: exactly what tokenreduce's Hugging Face LLaVA adapter offers there (so
+#: every servable spec has an HF reference), less the prompt's instruction text, which vLLM's encoder never sees (it
+#: encodes each image once and caches it across requests). ``LLM_LAYER`` methods are refused.
 PROVIDES: Dict[Site, FrozenSet[str]] = {
-    Site.BLOCK_MID: need_names(VISION_BLOCK_NEEDS),
-    Site.BLOCK_OUT: need_names(VISION_BLOCK_NEEDS),
-    Site.TOWER_OUT: need_names(TOWER_NEEDS) - {Need.INSTRUCTION.value},
-}
+    site: need_names(needs) - {Need.INSTRUCTION.value}
+    for site, needs in LlavaAdapter.provides.items() if site != Site.LLM_LAYER}
 TOWER_SITES = frozenset(PROVIDES)
 
 
@@ -198,24 +197,26 @@ def _probe(plan: Plan, seed: int) -> Tuple[int, bool]:
     g = torch.Generator().manual_seed(seed)
     t, method = plan.tower, plan.method
     rec = ForwardRecord(carry=method.begin(False))
+    # Sources are traced from the first layer on when any layer reads them (as the layer host does).
+    trace = any(Need.SOURCE.value in need_names(method.needs_at(i, False)) for i in range(t.num_layers))
     x = torch.randn(1, t.num_tokens, t.dim, generator=g)
     for layer in range(t.num_layers):
         if not method.acts_at(layer):
             continue
         n, d = x.shape[1], t.dim // t.num_heads
         q, k, v = (torch.randn(1, t.num_heads, n, d, generator=g) for _ in range(3))
-        x = _reduce(rec, method, x, layer, q, k, v, d ** -0.5, None)
+        x = _reduce(rec, method, x, layer, q, k, v, d ** -0.5, None, trace)
     return int(x.shape[1]), rec.valid is not None and not bool(rec.valid.all())
 
 
 def _reduce(rec: ForwardRecord, method: ReductionMethod, x: torch.Tensor, layer: int, q: Optional[torch.Tensor],
             k: Optional[torch.Tensor], v: Optional[torch.Tensor], scale: float,
-            bias: Optional[torch.Tensor]) -> torch.Tensor:
+            bias: Optional[torch.Tensor], trace: bool = False) -> torch.Tensor:
     """One site, as the layer host runs it: ``x [B, N, C]``, ``q/k/v [B, H, N, d]`` -> ``[B, N', C]``."""
     needs = need_names(method.needs_at(layer, False))
     found = analysis(needs, q, k, v, scale, bias) if needs & ATTENTION_NEEDS else {}
-    state = TokenState(x=x, size=rec.ensure_size(x), num_prefix=1, layer=layer, valid=rec.valid, carry=rec.carry,
-                       **found)
+    state = TokenState(x=x, size=rec.ensure_size(x), source=rec.ensure_source(x) if trace else None, num_prefix=1,
+                       layer=layer, valid=rec.valid, carry=rec.carry, **found)
     return apply_result(rec, method, state, method.reduce(state))
 
 
