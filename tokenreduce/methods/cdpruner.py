@@ -84,8 +84,8 @@ class CDPruner(ReductionMethod):
                "at the tower output")
     params = {
         **keep_params(keep_aliases=("visual_token_num",)),
-        "text_encoder": Param(None, "a transformers CLIPModel (directory or hub id): the CLIP the vision tower came from "
-                                    "(LLaVA-1.5: openai/clip-vit-large-patch14-336)", _path),
+        "text_encoder": Param(None, "a transformers CLIPModel (directory or hub id): the CLIP the vision tower came "
+                                    "from (LLaVA-1.5: openai/clip-vit-large-patch14-336)", _path),
         "instruction_ids": Param(None, "CLIP token ids of the instruction (BOS and EOS included, unpadded) for every "
                                        "call without tokenreduce.instructions", int_list(0, optional=True)),
     }

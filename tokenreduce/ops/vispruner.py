@@ -22,7 +22,7 @@ class VisPrunerSelection(NamedTuple):
 
 
 def descending_order(scores: torch.Tensor) -> torch.Tensor:
-    """``[B, P]`` the patch indices by descending ``scores [B, P]`` (stable: equal scores keep the lower index first)."""
+    """``[B, P]`` patch indices by descending ``scores [B, P]`` (stable: equal scores keep the lower index first)."""
     return scores.argsort(dim=1, descending=True, stable=True)
 
 
