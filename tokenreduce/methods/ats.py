@@ -92,6 +92,9 @@ class ATS(ReductionMethod):
         self.eps: float = float(params.get("softmax_eps", 0.0))
         # Dropped slots of the full-length mode take part in the smoothed softmax as upstream's zeroed slots do.
         self.padding = "absent" if self.drop_tokens else "zero"
+        # Compaction makes the batch's length data-dependent (its longest image): that reduce runs outside a
+        # compiled graph. The full-length mode keeps every shape static and traces with fullgraph=True.
+        self.compilable = not self.drop_tokens
 
     # -- the schedule ------------------------------------------------------------------------------------------
     def acts_at(self, layer: int) -> bool:
