@@ -4,7 +4,7 @@ import warnings
 
 from .train.rate_search import (FLOPS_WEIGHT, FlopCost, RateSearch, SearchConfig, add_arguments, diffrate_method,
                                 export_rates, flop_cost, main, rate_flops, search_rates)
-from .train.trainer import SyntheticImages, training_data as _dataset
+from .train.trainer import SyntheticImages, training_data as _dataset  # noqa: F401  (the old private name)
 
 warnings.warn("tokenreduce.diffrate_search moved to tokenreduce.train.rate_search", DeprecationWarning, stacklevel=2)
 

@@ -49,7 +49,7 @@ def update_medoids(row_cost: torch.Tensor, assign: torch.Tensor, num_clusters: i
 def own_cluster(assign: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
     """``assign`` with every medoid moved into its own cluster (the first one, should two clusters share a medoid),
     so no cluster that has a medoid is empty."""
-    n, k = assign.shape[1], centers.shape[1]
+    n = assign.shape[1]
     is_medoid = centers[:, :, None] == torch.arange(n, device=assign.device)[None, None, :]   # [B, K, N]
     first = is_medoid.to(torch.uint8).argmax(dim=1)                                        # [B, N]
     return torch.where(is_medoid.any(dim=1), first, assign)
