@@ -98,7 +98,7 @@ class MCTF(ReductionMethod):
     site = Site.BLOCK_IN  # with the default one_step_ahead=1; see site_for
     needs = frozenset({Need.ATTN, Need.ATTENTION_PROBS})
     summary = ("Multi-criteria token fusion: bidirectional matching on similarity x informativeness x size, "
-               "one-step-ahead attention")
+               "one-step-ahead attention (merges at the block's start; after the block with one_step_ahead=0)")
     params = {
         "r": Param(16, "tokens removed per active block: an int, or a fraction 0 < r < 1 of the non-prefix tokens "
                        "present (int((T-p)*r)); r = T-10 when T-r < 10, then at most half the non-prefix tokens",
