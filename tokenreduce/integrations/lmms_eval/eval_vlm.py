@@ -41,6 +41,16 @@ class UsageError(Exception):
     """Bad arguments: reported as one ``error:`` line, exit status 2."""
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` unless the help already says what the default is, or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one clean line instead of usage + message
         raise UsageError(message)
@@ -79,7 +89,7 @@ class Row:
 # Arguments
 # ---------------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = _Parser(prog=PROG, formatter_class=_Formatter,
                 description="Evaluate a VLM unpatched and with token-reduction methods at the papers' budgets "
                             "through lmms-eval; writes one table and a score-vs-visual-tokens plot. With no "
                             "--model: the offline smoke job (a tiny random LLaVA built on the spot and five "
@@ -91,10 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", default=None,
                    help="budget suite under configs/vlm/ (llava15, llava_next, smoke); default: smoke for the "
                         "smoke job, none otherwise (then give --config)")
-    p.add_argument("--methods", default=None, help="comma-separated methods of the suite to run (default: all)")
-    p.add_argument("--budgets", default=None, help="comma-separated visual-token budgets of the suite (default: all)")
+    p.add_argument("--methods", default=None, help="comma-separated methods of the suite to run (default: all of them)")
+    p.add_argument("--budgets", default=None, help="comma-separated visual-token budgets of the suite (default: all of them)")
     p.add_argument("--config", action="append", default=[], metavar="CONFIG",
-                   help="an extra run from a config file or name (repeatable)")
+                   help="an extra run from a config file or name (repeatable; none by default)")
     p.add_argument("--no-baseline", action="store_true", help="skip the unpatched run (no rel %% / same %%)")
     p.add_argument("--include-path", action="append", default=[], metavar="DIR",
                    help="folder of extra lmms-eval task YAMLs (repeatable)")
@@ -107,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive, default=None,
                    help="CPU threads for torch (default: torch's; smoke job: 1, steadier on a small shared CPU)")
     p.add_argument("--metric", action="append", default=[], metavar="TASK=METRIC",
-                   help="the metric to report for a task (default: the task's first metric)")
+                   help="the metric to report for a task, repeatable (default: the task's first metric)")
     p.add_argument("--out", default="results/eval_vlm", help="output folder")
     p.add_argument("--no-plot", action="store_true", help="write no PNG")
     p.add_argument("--verbosity", default="WARNING", help="lmms-eval's log level")
