@@ -11,7 +11,7 @@ from tokenreduce.core import TokenState
 
 from ..conftest import build_fixture_model, fixture_cases, load_case, run_forward_fixture, tiny_vit
 
-sklearn_cluster = pytest.importorskip("sklearn.cluster")
+import sklearn.cluster as sklearn_cluster  # noqa: E402  (a dev dependency: the reference partitions)
 
 
 @pytest.mark.parametrize("case", fixture_cases("atc"))
@@ -51,7 +51,7 @@ def test_one_site_equals_sklearn(linkage, num_prefix):
     keys = torch.randn(3, n, 8, generator=g, dtype=torch.float64)
     x = torch.randn(3, n, 5, generator=g, dtype=torch.float64)
     geometry = Geometry(num_blocks=2, num_prefix=num_prefix, num_patches=n - num_prefix, dim=5, num_heads=1)
-    method = ATC(geometry, r=r, keep_rate=None, locations=None, linkage=linkage, prop_attn=True)
+    method = ATC(geometry, r=r, keep_ratio=None, layers=None, linkage=linkage, prop_attn=True)
     state = TokenState(x=x, size=torch.ones(3, n, dtype=torch.float64), keys=keys, num_prefix=num_prefix,
                        source=torch.eye(n, dtype=torch.float64).expand(3, n, n))
     out = method.reduce(state)
@@ -153,9 +153,9 @@ class TestErrors:
             tokenreduce.patch(tiny_vit(), "atc", **params)
 
     @pytest.mark.parametrize("params,match", [
-        ({"r": 4, "keep_rate": 0.7}, "either r .* or keep_rate"),
-        ({"r": 4, "locations": [1]}, "locations only applies with keep_rate"),
-        ({"keep_rate": 0.7}, r"locations \[3, 6, 9\] out of range for a model with 4 blocks"),
+        ({"r": 4, "keep_rate": 0.7}, "either r .* or keep_ratio"),
+        ({"r": 4, "locations": [1]}, "layers only applies with keep_ratio"),
+        ({"keep_rate": 0.7}, r"layers \[3, 6, 9\] out of range for a model with 4 blocks"),
         ({"keep_rate": 0.7, "locations": [1, 4]}, "out of range"),
         ({"r": [1] * 5}, "5 layers but the model has 4 blocks"),
     ])
@@ -166,7 +166,11 @@ class TestErrors:
         assert not tokenreduce.is_patched(model)
         assert all("forward" not in blk.__dict__ for blk in model.blocks)
 
-    def test_keep_rate_needs_the_patch_count(self):
+    def test_keep_ratio_counts_the_patches_present(self):
+        """No patch count at patch time is needed: the clusters follow the summed sizes of the tokens present."""
         geometry = Geometry(num_blocks=12, num_prefix=1, num_patches=None, dim=8, num_heads=1)
-        with pytest.raises(ValueError, match="number of patch tokens"):
-            ATC(geometry, r=None, keep_rate=0.5, locations=None, linkage="average", prop_attn=True)
+        method = ATC(geometry, r=None, keep_ratio=0.5, layers=None, linkage="average", prop_attn=True)
+        x = torch.randn(1, 41, 8, dtype=torch.float64)
+        state = TokenState(x=x, size=torch.ones(1, 41, dtype=torch.float64), keys=x, num_prefix=1, layer=3)
+        assert method.clusters_at(state) == 20
+        assert method.reduce(state).num_tokens == 21

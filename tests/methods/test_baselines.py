@@ -68,21 +68,38 @@ def test_random_follows_its_seed():
     assert not torch.equal(a.kept[1][0], a.kept[1][1])              # every sample draws its own tokens
 
 
-def test_random_draws_fresh_tokens_every_forward():
+def test_random_is_a_deterministic_function_of_its_input_with_a_seed():
     model = sharp_vit()
-    tokenreduce.patch(model, "random", prune_layers=[0], keep=10, seed=0)
+    tokenreduce.patch(model, "random", layers=[0], keep=10, seed=0)
     x = images()
     with torch.no_grad():
         model(x)
         first = tokenreduce.info(model).kept[0].clone()
         model(x)
         second = tokenreduce.info(model).kept[0]
-    assert not torch.equal(first, second)
-    # The draw is torch.rand on a CPU generator seeded at patch time, top-k per sample.
+    assert torch.equal(first, second)
+    # The draw is torch.rand on a CPU generator seeded with `seed` for every forward, top-k per sample.
     g = torch.Generator().manual_seed(0)
     scores = torch.rand(3, 37, generator=g)[:, 1:]
     expected = [[0] + sorted((scores[s].argsort(descending=True)[:10] + 1).tolist()) for s in range(3)]
     assert first.tolist() == expected
+
+
+def test_random_without_a_seed_draws_fresh_tokens_from_the_global_generator():
+    model = sharp_vit()
+    tokenreduce.patch(model, "random", layers=[0], keep=10, seed=None)
+    x = images()
+    with torch.no_grad():
+        torch.manual_seed(1)
+        model(x)
+        first = tokenreduce.info(model).kept[0].clone()
+        model(x)
+        second = tokenreduce.info(model).kept[0].clone()
+        torch.manual_seed(1)
+        model(x)
+        again = tokenreduce.info(model).kept[0]
+    assert not torch.equal(first, second)
+    assert torch.equal(first, again)
 
 
 def test_same_schedule_same_flops():

@@ -227,7 +227,7 @@ def test_low_precision_runs():
     (dict(prune_layers=[2, 1], keep=10), "strictly increasing"),
     (dict(prune_layers=[0, 1], keep=[20, 30]), "after block 1 keeps 30 tokens but only 20"),
     (dict(prune_layers=[0], keep=37), "only 36"),
-    (dict(prune_layers=[0, 1], keep=[20]), "1 values but there are 2 prune layers"),
+    (dict(prune_layers=[0, 1], keep=[20]), "1 values but there are 2 pruning layers"),
     (dict(keep=10, keep_ratio=0.5), "only one of"),
     (dict(prune_layers=[1]), "nothing says how many"),
     (dict(prune_layers=[2], target_flops=0.2), "unreachable"),
