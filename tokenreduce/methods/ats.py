@@ -61,6 +61,9 @@ class ATS(ReductionMethod):
     name = "ats"
     site = Site.BLOCK_MID
     needs = frozenset({Need.CLS_ATTN_PER_HEAD, Need.VALUES_PER_HEAD, Need.VALID, Need.ATTENTION_PROBS})
+    # The default (drop) mode's batch length after an ATS block is data-dependent (its longest image), so its
+    # reduce runs outside a compiled graph; an instance in the full-length mode traces whole (see __init__).
+    compilable = False
     summary = ("ATS: adaptive token sampling, inverse-transform sampling of CLS-attention x value-norm "
                "significance; a different token count per image (padding + valid mask)")
     params = {
@@ -92,8 +95,7 @@ class ATS(ReductionMethod):
         self.eps: float = float(params.get("softmax_eps", 0.0))
         # Dropped slots of the full-length mode take part in the smoothed softmax as upstream's zeroed slots do.
         self.padding = "absent" if self.drop_tokens else "zero"
-        # Compaction makes the batch's length data-dependent (its longest image): that reduce runs outside a
-        # compiled graph. The full-length mode keeps every shape static and traces with fullgraph=True.
+        # The full-length mode keeps every shape static: it traces with fullgraph=True.
         self.compilable = not self.drop_tokens
 
     # -- the schedule ------------------------------------------------------------------------------------------
