@@ -153,14 +153,21 @@ def test_prompt_with_reduced_run_is_used_as_is(llava, batch):
     rows, _, _, pv = batch
     tokenreduce.patch(llava, "visionzip", dominant=10, contextual=4)
     try:
-        short = [torch.cat([r[r != IMAGE_TOKEN][:3], torch.full((14,), IMAGE_TOKEN), r[r != IMAGE_TOKEN][3:]])
-                 for r in rows]
+        starts = [int((r == IMAGE_TOKEN).nonzero()[0]) for r in rows]
+        short = [torch.cat([r[:b], torch.full((14,), IMAGE_TOKEN), r[b:][r[b:] != IMAGE_TOKEN]])
+                 for r, b in zip(rows, starts)]
         ids, mask = left_pad(short)
         full_ids, full_mask = left_pad(rows)
         with torch.no_grad():
             a = llava(input_ids=ids, attention_mask=mask, pixel_values=pv).logits
+            full = llava(input_ids=full_ids, attention_mask=full_mask, pixel_values=pv).logits
         new, logits = greedy(llava, ids, mask, pv, max_new_tokens=2)
-        assert a.shape[1] == ids.shape[1] and new.shape == (3, 2)
+        new_full, logits_full = greedy(llava, full_ids, full_mask, pv, max_new_tokens=2)
+        assert a.shape[1] == ids.shape[1]
+        # the full prompt is shrunk to exactly this one: the same logits and the same answer
+        torch.testing.assert_close(a, full, atol=1e-12, rtol=1e-12)
+        assert torch.equal(new, new_full)
+        torch.testing.assert_close(logits, logits_full, atol=1e-12, rtol=1e-12)
     finally:
         tokenreduce.unpatch(llava)
 
@@ -402,8 +409,6 @@ def test_clip_with_projection_and_pitome_on_llava(batch):
     with torch.no_grad():
         assert model(pixel_values=torch.randn(1, 3, 32, 32, dtype=torch.float64)).image_embeds.shape == (1, 16)
     assert tokenreduce.info(model).tokens_per_layer == [65, 61]
-    if "pitome" not in tokenreduce.list_methods():
-        pytest.skip("PiToMe is not available")
     llava = tiny_llava(vision_layers=3, lm_layers=2)
     rows, ids, mask, pv = batch
     tokenreduce.patch(llava, "pitome", ratio=0.8)

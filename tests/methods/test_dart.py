@@ -63,10 +63,9 @@ def test_reduce_keeps_text_and_is_per_sample_under_padding():
         kp = torch.cat([torch.zeros(1, h, pad, d, dtype=x.dtype), keys], 2)
         valid = torch.cat([torch.zeros(1, pad, dtype=torch.bool), torch.ones(1, s, dtype=torch.bool)], 1)
         img = torch.cat([torch.zeros(1, pad, dtype=torch.bool), image], 1)
-        state = TokenState(x=xp, size=torch.ones(1, s + pad, dtype=x.dtype), extras={
-            "keys_per_head": kp, "image_mask": img, "valid_mask": valid,
-            "positions": (valid.long().cumsum(1) - 1).clamp(min=0), "final_norm": lambda t: t})
-        return method.reduce(state).extras["kept"] - pad
+        state = TokenState(x=xp, size=torch.ones(1, s + pad, dtype=x.dtype), keys_per_head=kp, image_mask=img,
+                           valid=valid, positions=(valid.long().cumsum(1) - 1).clamp(min=0), normed=xp)
+        return method.reduce(state).kept - pad
 
     alone, padded = run(0), run(5)
     assert torch.equal(padded[:, 5:], alone)  # the 5 pads are kept (as non-image tokens) and come first

@@ -53,7 +53,7 @@ def test_reduce_matches_loop_reference(dominant, contextual):
     assert out.x.shape == (b, dominant + contextual, c)
     for i in range(b):
         torch.testing.assert_close(out.x[i], _reference(x[i], attn[i], keys[i], dominant, contextual))
-    assert out.extras["kept"][:, 0].eq(0).all()
+    assert out.kept[:, 0].eq(0).all()
     assert out.size.sum(1).tolist() == [float(dominant + (n - dominant if contextual else 0))] * b
 
 
@@ -74,4 +74,4 @@ def test_bad_parameters():
         VisionZip(geo, dominant=87, contextual=500)
     with pytest.raises(ValueError, match="exceeds the 577 tokens"):
         VisionZip(geo, dominant=600, contextual=0)
-    assert VisionZip(geo, dominant=54, contextual=10).num_output == 64
+    assert VisionZip(geo, dominant=54, contextual=10).num_output(577) == 64
