@@ -177,5 +177,4 @@ class HFClipVisionAdapter(Adapter):
 
     def info(self) -> ReductionInfo:
         rec = self.finished_record()
-        return self.vision_info(tower_cost(self.vision, self.host).macs([(l.tokens_in, l.tokens_mid)
-                                                                         for l in rec.layers]))
+        return self.vision_info(tower_cost(self.vision, self.host).macs(rec.cost_blocks()))

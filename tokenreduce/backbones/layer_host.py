@@ -353,7 +353,8 @@ class LayerHost:
         x = x + family.residual_mlp(layer, family.mlp(layer)(family.norm2(layer)(x)))
         if acts and self.site == Site.BLOCK_OUT:
             x = self._reduce(rec, i, x, mask)
-        rec.finish_layer(i, n_in if self.site != Site.BLOCK_IN else n_mid, n_mid, x)
+        previewed = acts and self.site == Site.BLOCK_IN and bool(self.preview_taps[bool(layer.training)][i])
+        rec.finish_layer(i, n_in if self.site != Site.BLOCK_IN else n_mid, n_mid, x, n_in if previewed else 0)
         return x
 
     def _needs(self, i: int) -> FrozenSet[str]:
@@ -399,7 +400,8 @@ class LayerHost:
         """The host layers' MAC model, with the adapter's token-independent ``constant`` (embedding, heads)."""
         return layer_cost([self.family.attention(l) for l in self.layers],
                           [self.family.num_heads(l) * self._head_dim(l) for l in self.layers],
-                          [self.family.mlp(l) for l in self.layers], constant, embed_per_token)
+                          [self.family.mlp(l) for l in self.layers], constant, embed_per_token,
+                          [list(self.family.tap_modules(l, frozenset("qkv")).values()) for l in self.layers])
 
 
 def apply_result(rec: ForwardRecord, method: ReductionMethod, state: TokenState, out: TokenState) -> torch.Tensor:

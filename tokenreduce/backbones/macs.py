@@ -26,9 +26,12 @@ def conv_patch_macs(conv: nn.Conv2d) -> int:
 
 
 def layer_cost(attentions: Sequence[nn.Module], attn_dims: Sequence[int], mlps: Sequence[nn.Module],
-               constant: float, embed_per_token: float = 0.0) -> CostModel:
+               constant: float, embed_per_token: float = 0.0,
+               projections: Sequence[Sequence[nn.Module]] = ()) -> CostModel:
     """The :class:`CostModel` of a stack of attention + MLP layers: per token the linear layers of each, per token
-    pair ``2·A`` (``QKᵀ`` and ``PV``, A the attention width)."""
+    pair ``2·A`` (``QKᵀ`` and ``PV``, A the attention width); ``projections`` are each layer's q/k/v projection
+    modules (the cost of a look-ahead pass)."""
+    preview = tuple(float(sum(linear_macs(m) for m in {id(m): m for m in mods}.values())) for mods in projections)
     return CostModel(constant=float(constant), attn_linear=tuple(float(linear_macs(a)) for a in attentions),
                      attn_quadratic=tuple(2.0 * a for a in attn_dims), mlp=tuple(float(linear_macs(m)) for m in mlps),
-                     embed_per_token=float(embed_per_token))
+                     embed_per_token=float(embed_per_token), preview_linear=preview)

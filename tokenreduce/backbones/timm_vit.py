@@ -222,4 +222,4 @@ class TimmViTAdapter(Adapter):
 
     def info(self) -> ReductionInfo:
         rec = self.finished_record()
-        return self.vision_info(self.cost(rec.input_hw).macs([(l.tokens_in, l.tokens_mid) for l in rec.layers]))
+        return self.vision_info(self.cost(rec.input_hw).macs(rec.cost_blocks()))

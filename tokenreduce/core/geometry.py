@@ -9,9 +9,11 @@ from typing import Any, Optional, Sequence, Tuple
 class CostModel:
     """An adapter's analytic MAC model (per image) of its host layers, in coefficient form:
 
-    ``MACs = constant + sum_l (attn_linear[l]·N_l + attn_quadratic[l]·N_l² + mlp[l]·M_l)``
+    ``MACs = constant + sum_l (attn_linear[l]·N_l + attn_quadratic[l]·N_l² + mlp[l]·M_l
+                               + preview_linear[l]·P_l + attn_quadratic[l]/2·P_l²)``
 
-    with ``N_l`` the tokens entering layer l's attention and ``M_l`` those entering its MLP. Methods that meet a
+    with ``N_l`` the tokens entering layer l's attention, ``M_l`` those entering its MLP and ``P_l`` those of a
+    look-ahead pass (q/k/v projections and ``QKᵀ``, no ``PV``) a ``BLOCK_IN`` method read before reducing. Methods that meet a
     FLOPs budget (``target_flops``) or learn one (DiffRate, LTMP) use it; ``tokenreduce.info`` reports the same.
 
     Attributes:
@@ -24,16 +26,21 @@ class CostModel:
     attn_quadratic: Tuple[float, ...]
     mlp: Tuple[float, ...]
     embed_per_token: float = 0.0
+    preview_linear: Tuple[float, ...] = ()
 
     @property
     def num_layers(self) -> int:
         return len(self.mlp)
 
-    def macs(self, blocks: Sequence[Tuple[int, int]]) -> int:
-        """MACs for ``[(tokens into attention, tokens into MLP)]`` per layer (layers not listed did not run)."""
+    def macs(self, blocks: Sequence[Tuple[int, ...]]) -> int:
+        """MACs for ``[(tokens into attention, tokens into MLP[, tokens of a look-ahead pass])]`` per layer (layers
+        not listed did not run)."""
         total = self.constant
-        for l, (n, m) in enumerate(blocks):
+        for l, (n, m, *rest) in enumerate(blocks):
             total += self.attn_linear[l] * n + self.attn_quadratic[l] * n * n + self.mlp[l] * m
+            p = rest[0] if rest else 0
+            if p:
+                total += self.preview_linear[l] * p + 0.5 * self.attn_quadratic[l] * p * p
         return int(round(total))
 
 

@@ -22,12 +22,15 @@ class Status(str, enum.Enum):
 
 @dataclass(frozen=True)
 class LayerRecord:
-    """What one reduction host (block / layer) did: tokens entering its attention, its MLP, and leaving it."""
+    """What one reduction host (block / layer) did: tokens entering its attention, its MLP, and leaving it, and
+    the tokens of a look-ahead pass of its attention projections (``BLOCK_IN`` methods read the block's attention
+    on its input before reducing; 0 when none ran)."""
 
     layer: int
     tokens_in: int
     tokens_mid: int
     tokens_out: int
+    tokens_preview: int = 0
 
 
 @dataclass
@@ -85,6 +88,11 @@ class ForwardRecord:
         """Index of the last host that ran (-1 before any)."""
         return self.layers[-1].layer if self.layers else -1
 
+    def cost_blocks(self) -> List[Tuple[int, int, int]]:
+        """``[(tokens into attention, tokens into MLP, tokens of a look-ahead pass)]`` per host that ran, for a
+        :class:`~tokenreduce.core.CostModel`."""
+        return [(l.tokens_in, l.tokens_mid, l.tokens_preview) for l in self.layers]
+
     def ensure_size(self, x: torch.Tensor) -> torch.Tensor:
         """``size [B, N]``, created as ones the first time it is asked for (or when the tokens changed under it)."""
         if self.size is None or self.size.shape[:2] != x.shape[:2]:
@@ -98,9 +106,9 @@ class ForwardRecord:
             self.source = torch.eye(n, dtype=x.dtype, device=x.device).expand(b, n, n)
         return self.source
 
-    def finish_layer(self, layer: int, n_in: int, n_mid: int, out: torch.Tensor) -> None:
+    def finish_layer(self, layer: int, n_in: int, n_mid: int, out: torch.Tensor, n_preview: int = 0) -> None:
         """Record a host's token counts and its output's batch, dtype and device."""
-        self.layers.append(LayerRecord(layer, n_in, n_mid, out.shape[1]))
+        self.layers.append(LayerRecord(layer, n_in, n_mid, out.shape[1], n_preview))
         self.batch, self.dtype, self.device = out.shape[0], out.dtype, out.device
         self.taps.clear()
 
