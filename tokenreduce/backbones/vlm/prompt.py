@@ -92,6 +92,36 @@ def shrink_image_runs(input_ids: torch.Tensor, image_token_id: int, counts: Sequ
     return out
 
 
+def keep_columns(keep: torch.Tensor, tensors: Dict[str, Tuple[torch.Tensor, int]], pad_left: bool
+                 ) -> Dict[str, torch.Tensor]:
+    """Keep chosen columns of a prompt, re-padded (the general form of :func:`shrink_image_runs`, for an adapter that
+    chooses which image-token slots survive, e.g. to keep the M-RoPE positions of the kept visual tokens).
+
+    Args:
+        keep: ``[B, S]`` bool, the columns each row keeps.
+        tensors: ``{name: (tensor, fill)}`` with tensors ``[B, S]`` or ``[A, B, S]`` (multi-axis position ids), and the
+            value padding columns get.
+        pad_left: rows shorter than the longest are padded in front (else behind).
+
+    Returns:
+        ``{name: [B, S']}`` (or ``[A, B, S']``), ``S'`` the longest row's kept count; kept columns keep their order.
+    """
+    b, s = keep.shape
+    lengths = keep.sum(dim=1)
+    width = int(lengths.max()) if b else 0
+    # the destination column of every kept entry: kept ones in order, shifted right by the row's padding
+    dest = keep.long().cumsum(dim=1) - 1 + ((width - lengths)[:, None] if pad_left else 0)
+    rows, cols = keep.nonzero(as_tuple=True)
+    out: Dict[str, torch.Tensor] = {}
+    for name, (t, fill) in tensors.items():
+        lead = t.shape[:-2]
+        t = t.expand(*lead, b, s) if t.shape[-2] != b else t
+        new = t.new_full((*lead, b, width), fill)
+        new[..., rows, dest[rows, cols]] = t[..., rows, cols]
+        out[name] = new
+    return out
+
+
 def restore_prompt(sequences: torch.Tensor, prompt: torch.Tensor, shrunk_len: int) -> torch.Tensor:
     """``generate`` output ``[B·k, shrunk_len + T]`` -> the caller's prompt ``[B, S]`` (repeated k times) + the T new
     tokens, so slicing with the caller's prompt length gives the answer."""

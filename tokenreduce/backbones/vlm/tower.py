@@ -10,6 +10,10 @@ reduced, projected features. The tower itself runs unchanged, with its own atten
 
 The adapter opens the window in which these hooks act (``ForwardRecord.status`` RUNNING inside its wrapper of
 ``get_image_features``), so an unrelated call of the tower or the projector is left alone.
+
+Towers followed by a patch merger (Qwen2.5-VL, Qwen3-VL: every 2×2 block of patches becomes one visual token) offer
+the site on the *merged* tokens; :func:`merged_analysis` maps the feature layer's keys, values and attention onto them
+(:mod:`tokenreduce.ops.merged_attention`).
 """
 from __future__ import annotations
 
@@ -19,12 +23,66 @@ import torch
 import torch.nn as nn
 
 from ...core import ATTENTION_NEEDS, Need, ReductionMethod, Status, TokenState, run_reduce
+from ...ops.merged_attention import group_mean, merged_attention_rows
 from ..layer_host import LayerFamily, analysis, apply_result
 from ..patcher import Original, Patcher
 
 #: What a tower site can hand a method.
 TOWER_NEEDS = frozenset({Need.KEYS, Need.KEYS_PER_HEAD, Need.VALUES_PER_HEAD, Need.CLS_ATTN, Need.CLS_ATTN_PER_HEAD,
                          Need.ATTN, Need.ATTN_ROWS, Need.PROJECTED, Need.GRID, Need.INSTRUCTION})
+#: What a site on a patch merger's tokens can hand a method: no CLS row (no prefix token survives a merger).
+MERGED_TOWER_NEEDS = TOWER_NEEDS - {Need.CLS_ATTN, Need.CLS_ATTN_PER_HEAD}
+
+
+class MergedAttentionRows:
+    """``Need.ATTN_ROWS`` on merged tokens: ``rows [B, Q] -> [B, H, Q, M]``, computed on demand from the feature
+    layer's patch queries and keys (:func:`~tokenreduce.ops.merged_attention.merged_attention_rows`)."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, scale: float, segments: torch.Tensor, group: int) -> None:
+        self.q, self.k, self.scale, self.segments, self.group = q, k, scale, segments, group
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        return merged_attention_rows(self.q, self.k, rows, self.scale, self.segments, self.group)
+
+
+def merged_analysis(needs: FrozenSet[str], q: Optional[torch.Tensor], k: Optional[torch.Tensor],
+                    v: Optional[torch.Tensor], scale: float, segments: torch.Tensor, group: int) -> Dict[str, Any]:
+    """What a method declared, for site tokens that each merge ``group`` consecutive tokens of the feature layer.
+
+    Args:
+        needs: the method's needs at the site.
+        q, k, v: ``[B, H, N, d]`` the feature layer's queries and keys (after its rotary embedding, as its attention
+            used them) and values; None where no need reads them.
+        scale: the attention's logit scale.
+        segments: ``[B, N]`` attention segment of every token (packed towers attend within an image, a frame or a
+            window).
+        group: feature-layer tokens per site token.
+
+    Returns:
+        Any of ``keys [B, M, d]`` (mean over heads and over each group), ``keys_per_head`` / ``values_per_head``
+        ``[B, H, M, d]`` (group means), ``attn [B, H, M, M]`` and ``attn_rows`` (the merged attention, see
+        :mod:`tokenreduce.ops.merged_attention`).
+
+    Raises:
+        ValueError: a CLS need (no prefix token survives a merger).
+    """
+    if needs & {Need.CLS_ATTN, Need.CLS_ATTN_PER_HEAD}:
+        raise ValueError("the tokens of a patch merger have no CLS token, so there is no CLS attention row")
+    out: Dict[str, Any] = {}
+    if Need.KEYS in needs:
+        out["keys"] = group_mean(k, group).mean(dim=1)
+    if Need.KEYS_PER_HEAD in needs:
+        out["keys_per_head"] = group_mean(k, group)
+    if Need.VALUES_PER_HEAD in needs:
+        out["values_per_head"] = group_mean(v, group)
+    if needs & {Need.ATTN, Need.ATTN_ROWS}:
+        rows = MergedAttentionRows(q, k, scale, segments, group)
+        if Need.ATTN_ROWS in needs:
+            out["attn_rows"] = rows
+        if Need.ATTN in needs:
+            b, m = q.shape[0], q.shape[2] // group
+            out["attn"] = rows(torch.arange(m, device=q.device).expand(b, m))
+    return out
 
 
 def instruction_rows(instructions: Any, num_rows: int,
