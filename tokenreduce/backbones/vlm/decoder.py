@@ -262,10 +262,13 @@ class DecoderSite:
         owner: the adapter: its ``record`` (a :class:`ForwardRecord` the adapter starts for every model forward and
             fills with ``image_mask``) and ``method`` are read at run time.
         decoder: the decoder model (``.layers``, ``.norm``, ``.rotary_emb``, ``.config``).
+        position_axes: axes of the model's rotary positions: 1 for a plain causal LM; 3 for M-RoPE (Qwen2.5-VL,
+            Qwen3-VL: temporal, height, width), whose visual tokens have no 1-D position to renumber.
     """
 
-    def __init__(self, owner: Any, decoder: nn.Module) -> None:
+    def __init__(self, owner: Any, decoder: nn.Module, position_axes: int = 1) -> None:
         self.owner, self.decoder = owner, decoder
+        self.position_axes = int(position_axes)
         self.layers = list(decoder.layers)
         cfg = decoder.config
         self.num_heads = int(cfg.num_attention_heads)
@@ -279,6 +282,13 @@ class DecoderSite:
         sites = [j for j in range(num + 1) if method.acts_at(j)]
         if not sites:
             return
+        if method.positions == "renumber" and self.position_axes > 1:
+            raise ValueError(f"{method.name} renumbers the kept tokens' positions 0..S'-1 after its sites (positions="
+                             f"'renumber'), but this language model uses {self.position_axes}-axis rotary positions "
+                             "(M-RoPE: a visual token's position is its (t, h, w) on its image's grid, text tokens "
+                             "continue after the largest one); a 1-D renumbering has no faithful M-RoPE equivalent. "
+                             "Use a method whose kept tokens keep their positions (positions='keep') or one at the vision tower's "
+                             "output")
         for j in sites:
             needs = method.needs_at(j, False) | method.needs_at(j, True)
             if j == 0 and needs & PREVIOUS_LAYER_NEEDS:
