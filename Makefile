@@ -8,7 +8,7 @@ STAMP := $(VENV)/.tokenreduce-installed
 
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test test-all test-vllm docs install dataset clean
+.PHONY: demo test test-all test-vllm test-lmms docs install dataset clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,5 +42,9 @@ VLLM_VENV ?= .venv-vllm
 test-vllm:
 	VLLM_VENV=$(VLLM_VENV) bash tools/ci/vllm_job.sh
 
+# The lmms-eval integration in its own venv (.venv-lmms): the tokenreduce lmms-eval model and eval-vlm, offline
+test-lmms:
+	bash tools/ci/lmms_job.sh
+
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) .venv-lmms build *.egg-info
