@@ -99,7 +99,13 @@ def _prepare(model: nn.Module, method: Optional[str], config: Optional[str], par
                          f"{'; '.join(families_offering(s) for s in wanted)}")
     site = offered_sites[0]
     adapter = adapter_cls(model)
-    instance = build_method(method, dataclasses.replace(adapter.geometry(site), site=site), **resolved)
+    geometry = dataclasses.replace(adapter.geometry(site), site=site)
+    try:
+        instance = build_method(method, geometry, **resolved)
+    except ValueError as error:
+        if geometry.blocks_note and "block" in str(error):
+            raise ValueError(f"{error} (here the {geometry.num_blocks} blocks are {geometry.blocks_note})") from None
+        raise
     offered = adapter_cls.provides[site]
     # An LLM site may also act after the last decoder layer (before the final norm).
     num_sites = instance.geometry.num_blocks + (1 if site == Site.LLM_LAYER else 0)

@@ -59,6 +59,8 @@ class Geometry:
         cost: the adapter's MAC model at the default input size (None when it has none); lets a method resolve
             a FLOPs budget at patch time.
         site: the site the method is bound to (for a method that can act at several).
+        blocks_note: what ``num_blocks`` counts when it is not plain (e.g. "the 2 vision-tower layers that feed
+            LLaVA's features"); ``patch`` adds it to a method's error about block counts.
     """
 
     num_blocks: int
@@ -70,6 +72,7 @@ class Geometry:
     grid: Optional[Tuple[int, int]] = None
     cost: Optional[CostModel] = None
     site: Optional[Any] = None
+    blocks_note: str = ""
 
     @property
     def num_tokens(self) -> Optional[int]:
