@@ -1,10 +1,9 @@
-"""Pure tensor functions: no nn.Module, no model knowledge. The Triton kernels use these as references."""
-from .flops import attention_macs, mlp_macs, vit_macs
+"""Pure tensor functions: no nn.Module, no model or method knowledge. The Triton kernels use these as references."""
 from .matching import BipartiteMatch, best_match, bipartite_soft_matching, clamp_r
-from .merge import gather_tokens, merge_mean, merge_source, merge_weighted
+from .merge import gather_tokens, merge_mean, merge_source, merge_weighted, with_prefix_slots
 from .schedule import parse_r
 
 __all__ = [
-    "BipartiteMatch", "attention_macs", "best_match", "bipartite_soft_matching", "clamp_r", "gather_tokens",
-    "merge_mean", "merge_source", "merge_weighted", "mlp_macs", "parse_r", "vit_macs",
+    "BipartiteMatch", "best_match", "bipartite_soft_matching", "clamp_r", "gather_tokens", "merge_mean",
+    "merge_source", "merge_weighted", "parse_r", "with_prefix_slots",
 ]
