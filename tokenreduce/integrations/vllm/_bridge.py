@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from tokenreduce.api import build_method
+from tokenreduce.backbones.hf_clip import HFEncoderFamily
 from tokenreduce.backbones.layer_host import LayerFamily, LayerHost, analysis, apply_result
 from tokenreduce.backbones.patcher import Patcher
 from tokenreduce.backbones.llava import LlavaAdapter
@@ -29,7 +30,7 @@ from tokenreduce.core import (ATTENTION_NEEDS, ForwardRecord, Geometry, Need, Re
                               all_needs, candidate_sites, get_method, list_methods, resolve_params)
 from tokenreduce.core.requirements import need_names
 
-__all__ = ["LayerFamily", "Plan", "Tower", "TowerReducer", "Unsupported", "make_plan", "parse_spec",
+__all__ = ["HFEncoderFamily", "LayerFamily", "Plan", "Tower", "TowerReducer", "Unsupported", "make_plan", "parse_spec",
            "servable_methods"]
 
 #: What the plugin offers per vision site: exactly what tokenreduce's Hugging Face LLaVA adapter offers there (so

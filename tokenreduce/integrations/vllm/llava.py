@@ -119,7 +119,7 @@ def _build_processor(info: Any, dummy_inputs: Any) -> Any:
 # ---------------------------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------------------------
-class VllmClipFamily(_bridge.LayerFamily):
+class VllmClipFamily(_bridge.HFEncoderFamily):
     """How vLLM's ``CLIPEncoderLayer`` is built, for tokenreduce's layer host.
 
     vLLM fuses q/k/v into one ``qkv_proj`` (a tensor-parallel linear returning ``(output, bias)``); its encoder
@@ -129,18 +129,7 @@ class VllmClipFamily(_bridge.LayerFamily):
     ``F.scaled_dot_product_attention`` on the same projections; every other layer runs vLLM's own attention.
     """
 
-    def attention(self, layer: nn.Module) -> nn.Module:
-        return layer.self_attn
-
-    def norm1(self, layer: nn.Module) -> nn.Module:
-        return layer.layer_norm1
-
-    def norm2(self, layer: nn.Module) -> nn.Module:
-        return layer.layer_norm2
-
-    def mlp(self, layer: nn.Module) -> nn.Module:
-        return layer.mlp
-
+    # attention / norm1 / norm2 / mlp: the same submodule names as HF's CLIP layer (HFEncoderFamily)
     def attend(self, layer: nn.Module, h: torch.Tensor, mask: Optional[torch.Tensor], kwargs: Dict[str, Any]
                ) -> torch.Tensor:
         """``h [B, N, C]`` (normalised) -> the attention branch ``[B, N, C]``."""
