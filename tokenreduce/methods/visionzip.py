@@ -6,16 +6,23 @@ the rest into ``contextual`` tokens: uniformly spaced targets among the remainin
 assigned to its most key-similar target (cosine of head-averaged keys), each target's hidden state plus the mean of
 its assignees. Defaults and semantics reproduce dvlab-research/VisionZip at 3151f6d (see
 ``../shared/fixtures/visionzip``).
+
+On a tower without a CLS token (Qwen2.5-VL / Qwen3-VL's merged tokens, SigLIP) the dominant tokens are the
+``dominant`` tokens that receive the most attention (the mean over all query rows and heads), as the official
+VisionZip Qwen2.5-VL code ranks them; there is no CLS slot, so ``dominant + contextual`` is still the number of visual
+tokens per image.
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, FrozenSet, NamedTuple, Optional
 
 import torch
 
 from ..core import Geometry, Need, Param, ReductionMethod, Site, TokenState, register_method
 from ..core.params import integer
 from ..ops.merge import gather_tokens
+from ..ops.tower_scores import topk_in_order
+from .tower_select import importance_needs, patch_importance
 
 
 class Contextual(NamedTuple):
@@ -90,11 +97,14 @@ def contextual_merge(hidden: torch.Tensor, keys: torch.Tensor, num_contextual: i
     return Contextual(hidden[:, targets] + mean, targets, counts)
 
 
-def check_budget(num_tokens: int, dominant: int, contextual: int) -> Optional[str]:
-    """Why ``dominant + contextual`` cannot be taken from ``num_tokens`` tokens (CLS included), or None."""
+def check_budget(num_tokens: int, dominant: int, contextual: int, num_prefix: int = 1) -> Optional[str]:
+    """Why ``dominant + contextual`` cannot be taken from ``num_tokens`` tokens (CLS included when ``num_prefix`` is
+    1), or None."""
     if dominant > num_tokens:
-        return (f"dominant={dominant} (CLS included) exceeds the {num_tokens} tokens of the vision tower "
-                f"({num_tokens - 1} patches + CLS)")
+        if num_prefix:
+            return (f"dominant={dominant} (CLS included) exceeds the {num_tokens} tokens of the vision tower "
+                    f"({num_tokens - 1} patches + CLS)")
+        return f"dominant={dominant} exceeds the {num_tokens} visual tokens of the image"
     if contextual > num_tokens - dominant:
         return (f"contextual={contextual} exceeds the {num_tokens - dominant} tokens left after the {dominant} "
                 f"dominant ones ({num_tokens} tokens in all); use contextual <= {num_tokens - dominant}")
@@ -105,7 +115,7 @@ def check_budget(num_tokens: int, dominant: int, contextual: int) -> Optional[st
 class VisionZip(ReductionMethod):
     name = "visionzip"
     site = Site.TOWER_OUT
-    needs = frozenset({Need.CLS_ATTN, Need.KEYS})
+    needs = frozenset({Need.CLS_ATTN, Need.KEYS, Need.ATTN_ROWS})  # CLS_ATTN with a CLS token, ATTN_ROWS without
     summary = "VisionZip: CLS-attention dominant tokens plus key-similarity contextual merges at the tower output"
     params = {
         "dominant": Param(54, "tokens kept by CLS attention, the CLS token included (paper: 54, 108, 162)",
@@ -117,26 +127,43 @@ class VisionZip(ReductionMethod):
         super().__init__(geometry, **params)
         self.dominant = int(params["dominant"])
         self.contextual = int(params["contextual"])
+        if geometry.num_prefix > 1:
+            raise ValueError(f"visionzip keeps one CLS token or none; this tower has {geometry.num_prefix} prefix "
+                             "tokens")
         if geometry.num_patches is not None:
-            problem = check_budget(geometry.num_patches + geometry.num_prefix, self.dominant, self.contextual)
+            problem = check_budget(geometry.num_patches + geometry.num_prefix, self.dominant, self.contextual,
+                                   geometry.num_prefix)
             if problem:
                 raise ValueError(f"visionzip: {problem}")
+
+    def needs_at(self, layer: int, training: bool = False) -> FrozenSet[str]:
+        """The keys, and the CLS attention row (a tower with a CLS token) or the attention rows (one without)."""
+        return frozenset({Need.KEYS}) | importance_needs(self.geometry)
+
+    def missing_needs_hint(self, missing: FrozenSet[str]) -> str:
+        if Need.ATTN_ROWS in missing:
+            return ("This tower has no CLS token, so visionzip ranks the dominant tokens by the mean attention they "
+                    "receive, which needs the feature layer's attention rows")
+        return ""
 
     def num_output(self, num_tokens: int) -> Optional[int]:
         """Tokens per image after the reduction: ``dominant + contextual`` (whatever the input size)."""
         return self.dominant + self.contextual
 
     def reduce(self, state: TokenState) -> TokenState:
-        """``x [B, N, D]`` (CLS first) -> ``[B, dominant + contextual, D]``: CLS, dominant patches in spatial order,
-        contextual tokens in target order. ``kept`` holds ``[B, dominant + contextual]`` indices of the
-        kept tokens and the targets; ``size`` counts the tokens each output holds."""
-        if state.num_prefix != 1:
-            raise ValueError(f"visionzip needs exactly one prefix token (CLS), got {state.num_prefix}")
+        """``x [B, N, D]`` (CLS first, or no prefix) -> ``[B, dominant + contextual, D]``: (CLS,) dominant tokens in
+        spatial order, contextual tokens in target order. ``kept`` holds ``[B, dominant + contextual]`` indices of
+        the kept tokens and the targets; ``size`` counts the tokens each output holds."""
+        if state.num_prefix > 1:
+            raise ValueError(f"visionzip needs one prefix token (CLS) or none, got {state.num_prefix}")
         n = state.num_tokens
-        problem = check_budget(n, self.dominant, self.contextual)
+        problem = check_budget(n, self.dominant, self.contextual, state.num_prefix)
         if problem:
             raise ValueError(f"visionzip: {problem}")
-        dom = dominant_indices(state.cls_attn, self.dominant)
+        if state.num_prefix == 1:
+            dom = dominant_indices(state.cls_attn, self.dominant)
+        else:  # no CLS: the tokens that receive the most attention (official VisionZip Qwen2.5-VL code)
+            dom = topk_in_order(patch_importance(state, self.name), self.dominant)
         x_dom = gather_tokens(state.x, dom)
         size_dom = gather_tokens(state.size, dom)
         if self.contextual == 0:
