@@ -34,7 +34,7 @@ from ..base import Adapter
 from ..macs import linear_macs
 from ..patcher import Original, Replacement
 from ..vlm.decoder import DECODER_NEEDS, DecoderSite
-from ..vlm.shrink import Modality, PromptShrink, ShrinkingForward, VlmGenerate, pad_token_id
+from ..vlm.shrink import PromptShrink, ShrinkingForward, VlmGenerate, pad_token_id
 from ..vlm.tower import MERGED_TOWER_NEEDS
 from .prompt import rope_deltas, shrink_prompt, surviving_slots, token_types
 from .tower import QwenTowerSite
@@ -92,22 +92,26 @@ class QwenPromptShrink(PromptShrink):
 
     def __init__(self, adapter: "QwenVLAdapter") -> None:
         inner, cfg = adapter.inner, adapter.cfg
-        super().__init__(adapter.model, cfg.image_token_id, inner.get_image_features, ("image_grid_thw",),
-                         modalities=[Modality("video", "pixel_values_videos", int(cfg.video_token_id),
-                                              inner.get_video_features, ("video_grid_thw",))])
+        super().__init__(adapter.model, cfg.image_token_id, inner.get_image_features, ("image_grid_thw",))
         self.adapter = adapter
         self.video_token_id = int(cfg.video_token_id)
+        # (mm_encoder_outputs key, pixels argument, grid argument, encoder)
+        self.inputs = (("image", "pixel_values", "image_grid_thw", inner.get_image_features),
+                       ("video", "pixel_values_videos", "video_grid_thw", inner.get_video_features))
+
+    def pixel_names(self) -> Tuple[str, ...]:
+        return tuple(pixels for _, pixels, _, _ in self.inputs)
 
     def encode_all(self, input_ids: torch.Tensor, arguments: Dict[str, Any], names: Sequence[str]
                    ) -> Tuple[Dict[str, Any], Optional[Dict[str, torch.Tensor]]]:
+        """Encode the images and videos of a call (reduced by the method) and shrink the prompt to them."""
         adapter = self.adapter
         adapter.rows, adapter.call_macs, adapter.collecting = [], [], True
         encoded: Dict[str, Any] = {}
         try:
-            for m in self.modalities:
-                pixels = arguments.get(m.pixels)
-                if pixels is not None:
-                    encoded[m.key] = self.features(pixels, arguments, m)
+            for key, pixels, grid, encode in self.inputs:
+                if arguments.get(pixels) is not None:
+                    encoded[key] = encode(arguments[pixels], arguments.get(grid), return_dict=True)
         finally:
             adapter.collecting = False
         return encoded, self.shrink_all(input_ids, arguments, "labels" in names)
