@@ -9,11 +9,14 @@ shrinks before HF's loop starts (so the mask and positions it carries match the 
 the left (HF's ``generate`` would continue a right-padded row after its padding), and returns ``sequences`` with the
 caller's prompt in front of the new tokens, so ``out[:, inputs.input_ids.shape[1]:]`` still slices the answer. Users pass processor outputs unchanged; a prompt that already has one image token per feature (the papers'
 own prompt contract) is passed through.
+
+A model with several visual inputs (LLaVA-OneVision's images and videos, each with its own placeholder token and
+encoder) declares one :class:`Modality` per input; each is encoded once and its runs shrunk in turn.
 """
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -31,6 +34,26 @@ def pad_token_id(config: Any) -> int:
     return 0
 
 
+class Modality(NamedTuple):
+    """One visual input of a VLM, as the shrinking forward / generate handle it.
+
+    Attributes:
+        key: its entry in transformers' ``mm_encoder_outputs`` (``"image"``, ``"video"``).
+        pixels: the ``forward`` / ``generate`` argument holding its pixels, also the encoder's (``"pixel_values"``,
+            ``"pixel_values_videos"``).
+        token_id: its placeholder token in the prompt.
+        encode: ``encode(<pixels>=..., return_dict=True, **vision_kwargs) -> features`` whose ``pooler_output``
+            iterates over the inputs, ``[n_i, D]`` each (a list, or a ``[N, n, D]`` tensor).
+        vision_kwargs: the ``forward`` / ``generate`` arguments ``encode`` takes.
+    """
+
+    key: str
+    pixels: str
+    token_id: int
+    encode: Callable[..., Any]
+    vision_kwargs: Tuple[str, ...]
+
+
 class PromptShrink:
     """The shrinking ``forward`` / ``generate`` of one VLM (picklable callables).
 
@@ -40,25 +63,64 @@ class PromptShrink:
         encode: ``encode(pixel_values, **vision_kwargs) -> features`` with ``features.pooler_output`` a list of
             ``[n_i, D]`` per image (``get_image_features`` of the inner model).
         vision_kwargs: the ``forward`` / ``generate`` arguments ``encode`` takes (e.g. ``vision_feature_layer``).
+        modalities: further visual inputs (e.g. videos), handled the same way after the images.
     """
 
     def __init__(self, model: nn.Module, image_token_id: int, encode: Callable[..., Any],
-                 vision_kwargs=("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")) -> None:
+                 vision_kwargs=("vision_feature_layer", "vision_feature_select_strategy", "image_sizes"),
+                 modalities: Sequence[Modality] = ()) -> None:
         self.model, self.image_token_id, self.encode = model, int(image_token_id), encode
         self.vision_kwargs = tuple(vision_kwargs)
+        self.modalities: List[Modality] = [Modality("image", "pixel_values", self.image_token_id, encode,
+                                                    self.vision_kwargs), *modalities]
 
-    def features(self, pixel_values: torch.Tensor, arguments: Dict[str, Any]) -> Any:
-        return self.encode(pixel_values=pixel_values, return_dict=True,
-                           **{k: arguments.get(k) for k in self.vision_kwargs})
+    def features(self, pixel_values: torch.Tensor, arguments: Dict[str, Any],
+                 modality: Optional[Modality] = None) -> Any:
+        m = modality or self.modalities[0]
+        return m.encode(**{m.pixels: pixel_values}, return_dict=True,
+                        **{k: arguments.get(k) for k in m.vision_kwargs})
 
-    def shrink(self, input_ids: torch.Tensor, features: Any, **tensors: Optional[torch.Tensor]
-               ) -> Optional[Dict[str, torch.Tensor]]:
-        """``None`` when the prompt already has one image token per feature, else the shrunk tensors."""
+    def shrink(self, input_ids: torch.Tensor, features: Any, modality: Optional[Modality] = None,
+               **tensors: Optional[torch.Tensor]) -> Optional[Dict[str, torch.Tensor]]:
+        """``None`` when the prompt already has one placeholder token per feature, else the shrunk tensors."""
+        token = (modality or self.modalities[0]).token_id
         counts = [int(f.shape[0]) for f in features.pooler_output]
-        if int((input_ids == self.image_token_id).sum()) == sum(counts):
+        if int((input_ids == token).sum()) == sum(counts):
             return None
-        return shrink_image_runs(input_ids, self.image_token_id, counts, pad_token_id=pad_token_id(self.model.config),
-                                 **tensors)
+        return shrink_image_runs(input_ids, token, counts, pad_token_id=pad_token_id(self.model.config), **tensors)
+
+    def encode_all(self, input_ids: torch.Tensor, arguments: Dict[str, Any], names: Sequence[str]
+                   ) -> Tuple[Dict[str, Any], Optional[Dict[str, torch.Tensor]]]:
+        """Encode every modality whose pixels ``arguments`` holds and shrink the prompt for each in turn.
+
+        Args:
+            input_ids: ``[B, S]`` the prompt.
+            arguments: the call's arguments (pixels, vision kwargs and the tensors named in ``names``).
+            names: the prompt tensors to shrink along (``attention_mask``, ``labels``, ``position_ids``).
+
+        Returns:
+            ``({key: features}, shrunk)``: ``shrunk`` holds ``input_ids`` and the given ``names`` when any run
+            changed, else None.
+        """
+        encoded: Dict[str, Any] = {}
+        current: Dict[str, Optional[torch.Tensor]] = {n: arguments.get(n) for n in names}
+        ids, changed = input_ids, False
+        for m in self.modalities:
+            pixels = arguments.get(m.pixels)
+            if pixels is None:
+                continue
+            features = self.features(pixels, arguments, m)
+            encoded[m.key] = features
+            shrunk = self.shrink(ids, features, m, **current)
+            if shrunk is not None:
+                ids, changed = shrunk["input_ids"], True
+                current.update({n: shrunk[n] for n in current if n in shrunk})
+        if not changed:
+            return encoded, None
+        return encoded, {"input_ids": ids, **{n: t for n, t in current.items() if t is not None}}
+
+    def pixel_names(self) -> Tuple[str, ...]:
+        return tuple(m.pixels for m in self.modalities)
 
 
 class ShrinkingForward(Replacement):
@@ -74,18 +136,18 @@ class ShrinkingForward(Replacement):
         a.pop(next(iter(self.signature.parameters)))
         var_kw = next((p.name for p in self.signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
         extra = dict(a.pop(var_kw, {})) if var_kw else {}
-        pixel_values, input_ids = a.get("pixel_values"), a.get("input_ids")
-        if pixel_values is None or input_ids is None or extra.get("mm_encoder_outputs") is not None \
-                or a.get("mm_encoder_outputs") is not None:
+        input_ids = a.get("input_ids")
+        given = {**a, **extra}
+        if input_ids is None or all(given.get(n) is None for n in self.shrink_.pixel_names()) \
+                or extra.get("mm_encoder_outputs") is not None or a.get("mm_encoder_outputs") is not None:
             return self.original(*args, **kwargs)
-        features = self.shrink_.features(pixel_values, {**a, **extra})
-        shrunk = self.shrink_.shrink(input_ids, features, attention_mask=a.get("attention_mask"),
-                                     labels=a.get("labels"), position_ids=a.get("position_ids"))
+        encoded, shrunk = self.shrink_.encode_all(input_ids, given, ("attention_mask", "labels", "position_ids"))
         if shrunk is not None:
             a.update(shrunk)
-        a["pixel_values"] = None
+        for name in self.shrink_.pixel_names():
+            (a if name in a else extra)[name] = None
         extra.pop("mm_encoder_outputs", None)
-        a["mm_encoder_outputs"] = {"image": features}
+        a["mm_encoder_outputs"] = encoded
         return self.original(**a, **extra)
 
 
@@ -107,16 +169,15 @@ class VlmGenerate(Replacement):
             if kwargs.get("position_ids") is not None:
                 raise ValueError("a right-padded prompt with explicit position_ids: pad on the left instead")
             input_ids, kwargs["attention_mask"] = aligned
-        pixel_values = kwargs.get("pixel_values")
         shrunk = None
-        if self.shrink_ is not None and pixel_values is not None and kwargs.get("mm_encoder_outputs") is None:
+        if self.shrink_ is not None and kwargs.get("mm_encoder_outputs") is None and \
+                any(kwargs.get(n) is not None for n in self.shrink_.pixel_names()):
             # Encode once here to learn the counts, and hand the features to generate as transformers' own
             # pre-encoded ``mm_encoder_outputs`` (which it expands for beams and feeds to the prefill).
-            features = self.shrink_.features(pixel_values, kwargs)
-            kwargs.pop("pixel_values")
-            kwargs["mm_encoder_outputs"] = {"image": features}
-            shrunk = self.shrink_.shrink(input_ids, features, attention_mask=kwargs.get("attention_mask"),
-                                         position_ids=kwargs.get("position_ids"))
+            encoded, shrunk = self.shrink_.encode_all(input_ids, kwargs, ("attention_mask", "position_ids"))
+            for name in self.shrink_.pixel_names():
+                kwargs.pop(name, None)
+            kwargs["mm_encoder_outputs"] = encoded
         if shrunk is not None:
             for name in ("attention_mask", "position_ids"):
                 if name in shrunk:
