@@ -35,6 +35,7 @@ from ..patcher import Original, Patcher, Replacement
 from ..vlm.decoder import DECODER_NEEDS, DecoderSite
 from ..vlm.shrink import Modality, PromptShrink, ShrinkingForward, VlmGenerate
 from ..vlm.tower import TOWER_NEEDS, TowerSite, feature_layer_index
+from .anyres import crop_grid, pack_reduced
 
 try:  # transformers is an optional dependency (the ``vlm`` extra)
     from transformers.models.clip.modeling_clip import CLIPAttention, CLIPEncoderLayer, CLIPVisionModel
@@ -156,6 +157,39 @@ class PrunedLabels(Replacement):
         out.loss = model.loss_function(logits=out.logits, labels=labels,
                                        vocab_size=model.config.text_config.vocab_size, **extra)
         return out.to_tuple() if return_dict is False else out
+
+
+class ReducedPacking(Replacement):
+    """``pack_image_features`` of a patched anyres model (LLaVA-NeXT, LLaVA-OneVision): when the tower rows came back
+    reduced, each image is packed by :func:`~tokenreduce.backbones.llava.anyres.pack_reduced` (base image, then the
+    crops' tokens in grid order, no newline inside a multi-row image); unreduced rows go to the model's own
+    packing."""
+
+    def __init__(self, adapter: "LlavaFamilyAdapter", original: Original) -> None:
+        self.adapter, self.original = adapter, original
+        self.signature = original.__signature__
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        a = self.signature.bind(*args, **kwargs).arguments
+        features, sizes = a["image_features"], a["image_sizes"]
+        rows = [int(f.shape[0]) for f in features]
+        tokens = int(features[0].shape[1])
+        adapter = self.adapter
+        kept, size, reduced = adapter.tower_selection(sum(rows), tokens)
+        if not reduced:
+            return self.original(*args, **kwargs)
+        newline = a.get("image_newline")
+        cfg = adapter.cfg
+        packed, start = [], 0
+        for feature, n, image_size in zip(features, rows, sizes):
+            part = slice(start, start + n)
+            start += n
+            grid = crop_grid(image_size, cfg.image_grid_pinpoints, cfg.vision_config.image_size) if n > 1 else None
+            packed.append(pack_reduced(feature, newline, None if kept is None else kept[part],
+                                       None if size is None else size[part], adapter.num_prefix, adapter.patch_grid,
+                                       grid))
+        lens = torch.tensor([p.shape[0] for p in packed], dtype=torch.long, device=features[0].device)
+        return packed, lens
 
 
 # ---------------------------------------------------------------------------------------------------------------
