@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ..evaluation.benchmark import Row, benchmark, format_table
+from ..evaluation.benchmark import Row, benchmark, format_profile_lines, format_table
 from ..evaluation.report import write_rows
 from ..evaluation.timing import DTYPES, device_description
 from .common import guarded, parse_run
@@ -33,7 +33,12 @@ def build_parser(prog: str = "tokenreduce bench") -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported")
     p.add_argument("--warmup", type=int, default=2, help="untimed forwards first")
     p.add_argument("--compile", action="store_true", help="torch.compile each model before timing")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend with --compile ('eager': Dynamo traces only, for a quick check)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile each method's reduction steps (eager, after the timing): their share of block "
+                        "time and the ops inside them")
     p.add_argument("--json", dest="json_path", help="write the rows as JSON (and CSV beside it)")
     return p
 
@@ -50,8 +55,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in args.model:
         rows += benchmark(name, runs, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
                           img_size=args.img_size, pretrained=args.pretrained, iters=args.iters,
-                          repeats=args.repeats, warmup=args.warmup, compile=args.compile)
+                          repeats=args.repeats, warmup=args.warmup, compile=args.compile, profile=args.profile,
+                          compile_backend=args.compile_backend)
     print(format_table(rows))
+    if args.profile:
+        print("reduction steps (analysis, the method's reduce, merge/gather, preview), share of the time inside the "
+              "blocks:")
+        print(format_profile_lines(rows))
     print("GFLOPs as the papers count them (analytic multiply-accumulates per image, fvcore convention); "
           "efficiency = measured speedup / FLOP-implied speedup")
     if args.json_path:

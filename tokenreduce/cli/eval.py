@@ -398,6 +398,10 @@ def _report(rows: List[Row], args: argparse.Namespace, default_job: bool, meta: 
     print(format_table(rows))
     print(f"\nGFLOPs: analytic multiply-accumulates per image; speedup: img/s against the unpatched model, "
           f"measured here ({meta['device']}); wall time {meta['wall_seconds']:.0f}s")
+    if default_job:
+        print("timing note: fixed per-step costs dominate at the reference ViT's width of 32 channels (Python, op "
+              "launches, each reduction step's bookkeeping), so these img/s and speedups say little about real "
+              "models; for those run `tokenreduce bench` (e.g. --model vit_base_patch16_224 --batch-size 32 --profile)")
     if args.results_file:
         json_path, csv_path = write_rows(Path(args.results_file), rows, meta)
         print(f"wrote {json_path} and {csv_path}")
