@@ -131,6 +131,7 @@ class LTMP(ReductionMethod):
     name = "ltmp"
     site = Site.BLOCK_MID
     needs = frozenset({Need.ATTN, Need.KEYS, Need.VALID, Need.SOURCE, Need.ATTENTION_PROBS})
+    compilable = False  # the token count after every block depends on the data (one host sync per block)
     summary = ("Learned Thresholds token Merging and Pruning: per block, merge src tokens more similar than a "
                "learned threshold, then prune tokens less important than another")
     params = {
