@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import tokenreduce
+import transformers
 from tokenreduce.backbones.qwen_vl import image_grid, merged_tokens, reduced_tokens, tower_geometry
 
 from ..qwen_vl_helpers import (IMG, PAD, VID, alone, batch, greedy, placeholder_slots, sample, scenario, tiny_qwen,
@@ -178,3 +179,277 @@ def test_mrope_reference_two_generate_steps(models, kind, method, params):
     reference = _reference_logits(model, inputs, values).float()
     torch.testing.assert_close(logits, reference, rtol=0, atol=2e-6)
     assert (logits - _reference_logits(model, inputs, values, renumber=True).float()).abs().max() > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The feature layer's attention through the merger, against a loop reference
+# ---------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def _received_and_keys(model, pixels, grid):
+    """Per image: the attention each merged token receives at the last block (the official VisionZip Qwen2.5-VL
+    score: head mean, summed over the query rows of its segment, mean over the token's 4 patches) and its keys (mean
+    over heads and patches), in raster order — from the block's own modules, one segment at a time, with the window
+    order and segments recomputed from the grid."""
+    from transformers.vision_utils import get_vision_window_index
+    visual = model.model.visual
+    block = visual.blocks[-1]
+    seen = {}
+    hook = block.register_forward_pre_hook(lambda m, a, k: seen.update(h=a[0], pe=k["position_embeddings"]),
+                                           with_kwargs=True)
+    with torch.no_grad():
+        model.model.get_image_features(pixels, grid)
+    hook.remove()
+    attn = block.attn
+    n = seen["h"].shape[0]
+    q, k, _ = attn.qkv(block.norm1(seen["h"])).reshape(n, 3, attn.num_heads, -1).unbind(1)
+    rot = __import__(type(attn).__module__, fromlist=["x"]).apply_rotary_pos_emb_vision
+    q, k = rot(q, k, *seen["pe"])
+    sizes = [t * h * w for t, h, w in grid.tolist()]
+    last = len(visual.blocks) - 1
+    if hasattr(visual, "fullatt_block_indexes"):
+        window_index, cu_window = get_vision_window_index(grid, visual.spatial_merge_size, visual.window_size,
+                                                          visual.patch_size)
+        reverse = torch.argsort(window_index)
+        full = last in visual.fullatt_block_indexes
+    else:
+        reverse, full = None, True
+    if full:  # one segment per frame, in window order the frames stay contiguous
+        bounds = [0]
+        for t, h, w in grid.tolist():
+            bounds += [bounds[-1] + (f + 1) * h * w for f in range(t)]
+    else:
+        bounds = sorted(set(int(v) for v in cu_window.tolist()))
+    received = torch.zeros(n, dtype=torch.float64)
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        for hd in range(attn.num_heads):
+            p = ((q[s:e, hd] @ k[s:e, hd].T) * attn.scaling).softmax(-1)
+            received[s:e] += p.sum(0) / attn.num_heads
+    merged = received.view(-1, 4).mean(-1)
+    keys = k.mean(1).view(-1, 4, k.shape[-1]).mean(1)
+    if reverse is not None:
+        merged, keys = merged[reverse], keys[reverse]
+    counts = [s // 4 for s in sizes]
+    return list(torch.split(merged, counts)), list(torch.split(keys, counts))
+
+
+def _visionzip_loop(x, score, keys, dominant, contextual):
+    """VisionZip without CLS as a loop: top-``dominant`` by received attention; uniform targets among the rest; each
+    other token joins its most key-similar target; target + mean of its assignees. Returns (kept, tokens) in the
+    order of the kept indices."""
+    m = x.shape[0]
+    dom = sorted(sorted(range(m), key=lambda i: (-float(score[i]), i))[:dominant])
+    rest = [i for i in range(m) if i not in dom]
+    step = max(1, len(rest) // contextual)
+    targets = list(range(0, len(rest), step))[:contextual]
+    unit = keys / keys.norm(dim=-1, keepdim=True)
+    groups = {t: [] for t in targets}
+    for j in range(len(rest)):
+        if j in targets:
+            continue
+        sims = [float(unit[rest[j]] @ unit[rest[t]]) for t in targets]
+        groups[targets[max(range(len(targets)), key=lambda a: (sims[a], -a))]].append(rest[j])
+    tokens = {i: x[i] for i in dom}
+    for t, members in groups.items():
+        mean = torch.stack([x[i] for i in members]).mean(0) if members else torch.zeros_like(x[0])
+        tokens[rest[t]] = x[rest[t]] + mean
+    kept = sorted(tokens)
+    return kept, torch.stack([tokens[i] for i in kept])
+
+
+@pytest.mark.parametrize("kind,fullatt", [("qwen2.5", (1, 3)), ("qwen2.5", (1,)), ("qwen3", ())],
+                         ids=["qwen2.5-last-full", "qwen2.5-last-windowed", "qwen3"])
+def test_merged_attention_selection_matches_loop_reference(kind, fullatt):
+    """FasterVLM's and VisionZip's choices on the merged tokens equal a loop reference of the official VisionZip
+    Qwen2.5-VL score (received attention of the last block, mean over each token's 4 patches), with windowed and
+    full last blocks, images of different grids and a video (one segment per frame)."""
+    model = tiny_qwen(kind, fullatt=fullatt or (1, 3), seed=3)
+    grids = [(1, 8, 8), (1, 4, 6), (2, 4, 8)]
+    vis = [visual("image" if g[0] == 1 else "video", g, 20 + i) for i, g in enumerate(grids)]
+    pixels = torch.cat([v.pixels for v in vis])
+    grid = torch.tensor(grids)
+    score, keys = _received_and_keys(model, pixels, grid)
+    with torch.no_grad():
+        full = list(model.model.get_image_features(pixels, grid).pooler_output)
+    last = len(model.model.visual.blocks) - 1
+    tokenreduce.patch(model, "fastervlm", keep=5)
+    try:
+        with torch.no_grad():
+            model.model.get_image_features(pixels, grid)
+        kept = tokenreduce.info(model).kept[last]
+    finally:
+        tokenreduce.unpatch(model)
+    for i, s in enumerate(score):
+        want = sorted(sorted(range(len(s)), key=lambda j: (-float(s[j]), j))[:5])
+        assert kept[i].tolist() == want, f"image {i}"
+    tokenreduce.patch(model, "visionzip", dominant=4, contextual=2)
+    try:
+        with torch.no_grad():
+            out = list(model.model.get_image_features(pixels, grid).pooler_output)
+        kept = tokenreduce.info(model).kept[last]
+    finally:
+        tokenreduce.unpatch(model)
+    for i in range(len(grids)):
+        want_kept, want_tokens = _visionzip_loop(full[i], score[i], keys[i], 4, 2)
+        assert kept[i].tolist() == want_kept, f"image {i}"
+        torch.testing.assert_close(out[i], want_tokens, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inside the language model: kept tokens keep their M-RoPE positions, deepstack injections follow them
+# ---------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def _manual_pruned_logits(model, inputs, site, kept):
+    """The language model run layer by layer by hand on one prompt: the full sequence before layer ``site``, then
+    only the ``kept`` tokens with the positions the full prompt gives them; Qwen3-VL's deepstack features added
+    after the first layers to the visual tokens present (the kept ones, after the site)."""
+    inner, lm = model.model, model.model.language_model
+    ids = inputs["input_ids"]
+    feats = inner.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
+    h = inner.get_input_embeddings()(ids)
+    vis = ids == IMG
+    h[vis] = torch.cat(list(feats.pooler_output))
+    deep = [torch.cat(list(level)) for level in (getattr(feats, "deepstack_features", None) or [])]
+    pos, _ = inner.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
+                                  image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])
+    rank = vis.long().cumsum(1) - 1  # row of each visual token in the deepstack features
+    for j, layer in enumerate(lm.layers):
+        if j == site:
+            h, pos, vis, rank = h[:, kept], pos[:, :, kept], vis[:, kept], rank[:, kept]
+        h = layer(h, position_embeddings=lm.rotary_emb(h, pos), attention_mask=None)
+        if j < len(deep):
+            h = h.clone()
+            h[vis] = h[vis] + deep[j][rank[vis]]
+    return model.lm_head(lm.norm(h))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method,params", [("fastv", dict(layer=1, keep=3)),
+                                           ("dart", dict(layer=2, image_pivots=1, text_pivots=1, per_pivot=2))],
+                         ids=["fastv", "dart"])
+def test_llm_site_keeps_mrope_positions_and_deepstack(models, kind, method, params):
+    """FastV / DART inside the language model equal a hand-run decoder on the kept tokens at their original M-RoPE
+    positions (Qwen3-VL: deepstack injected into the surviving visual tokens after the site)."""
+    model = models[kind]
+    vis = [visual("image", (1, 8, 4), 5), visual("image", (1, 4, 6), 6)]
+    inputs = batch([sample(kind, vis, 3, 4, 7)], [vis])
+    tokenreduce.patch(model, method, **params)
+    try:
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        info = tokenreduce.info(model)
+    finally:
+        tokenreduce.unpatch(model)
+    site = params["layer"]
+    kept = info.kept[site][0]
+    assert info.tokens_per_layer[site] == kept.numel() < inputs["input_ids"].shape[1]
+    torch.testing.assert_close(logits, _manual_pruned_logits(model, inputs, site, kept), rtol=0, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Counts, caches, refusals, unpatch
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_shrunk_prompt_and_cache_hold_the_kept_tokens(models, kind):
+    model = models[kind]
+    rows, vis = scenario(kind)
+    inputs = batch(rows, vis)
+    width = inputs["input_ids"].shape[1]
+    tokenreduce.patch(model, "fastervlm", keep=3)
+    try:
+        with torch.no_grad():
+            out = model(**inputs, use_cache=True)
+        info = tokenreduce.info(model)
+    finally:
+        tokenreduce.unpatch(model)
+    merged = [v.merged for vs in vis for v in vs]
+    assert info.tokens_per_sample.tolist() == [3] * len(merged)
+    removed = [sum(v.merged - 3 for v in vs) for vs in vis]
+    # left-padded to the longest shrunk row; the cache holds exactly that
+    want = max(len(r) - d for r, d in zip(rows, removed))
+    assert out.logits.shape[1] == want == out.cache.get_seq_length() < width
+    tokenreduce.patch(model, "fastv", layer=2, keep=2)
+    try:
+        with torch.no_grad():
+            out = model(**inputs, use_cache=True)
+        info = tokenreduce.info(model)
+    finally:
+        tokenreduce.unpatch(model)
+    lengths = [layer.keys.shape[-2] for layer in out.cache.layers]
+    assert lengths[:2] == [width, width] and all(n == info.tokens_per_layer[2] < width for n in lengths[2:])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_refusals_say_why(models, kind, tmp_path):
+    model = models[kind]
+    for method, params in (("tome", dict(r=2)), ("pitome", {})):
+        with pytest.raises(ValueError, match="patch merger") as err:
+            tokenreduce.patch(model, method, **params)
+        assert ("windowed" in str(err.value)) == (kind == "qwen2.5")
+        assert ("deepstack" in str(err.value)) == (kind == "qwen3")
+    for method, params in (("pdrop", dict(layers=[1, 2, 3])), ("sparsevlm", dict(keep=64, layers=[1, 2, 3]))):
+        with pytest.raises(ValueError, match="M-RoPE"):
+            tokenreduce.patch(model, method, **params)
+    # CDPruner's CLIP relevance needs the CLIP the tower came from; a Qwen tower has none
+    clip = transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=8, patch_size=4), projection_dim=8))
+    clip.save_pretrained(tmp_path / "clip")
+    with pytest.raises(ValueError, match="wide"):
+        tokenreduce.patch(model, "cdpruner", keep=3, text_encoder=str(tmp_path / "clip"), instruction_ids=[1, 2])
+    assert not tokenreduce.is_patched(model)
+    # pooling needs a 2-D grid: a video is refused when it arrives
+    rows, vis = scenario(kind)
+    tokenreduce.patch(model, "pool", keep=2)
+    try:
+        with pytest.raises(ValueError, match="video"):
+            greedy(model, batch(rows, vis), 1)
+    finally:
+        tokenreduce.unpatch(model)
+
+
+def test_counts_for_servers():
+    """The pure counts a server needs agree with the processor's grids and with what the adapter keeps."""
+    processor = transformers.Qwen2VLImageProcessor()
+    np = pytest.importorskip("numpy")
+    from PIL import Image
+    for h, w in ((300, 500), (28, 2000), (1200, 900), (40, 40)):
+        image = Image.fromarray(np.zeros((h, w, 3), dtype="uint8"))
+        want = tuple(processor(images=[image], return_tensors="pt")["image_grid_thw"][0].tolist())
+        assert image_grid(h, w) == want
+    assert merged_tokens((1, 22, 36)) == 198 and merged_tokens((2, 4, 6)) == 12
+    model = tiny_qwen("qwen2.5")
+    geo = tower_geometry(model.config)
+    for name, params, want in (("fastervlm", dict(keep=5), 5), ("visionzip", dict(dominant=4, contextual=2), 6),
+                               ("pool", dict(keep=4), 4), ("random", dict(keep_ratio=0.5), 8),
+                               ("divprune", dict(keep=3), 3)):
+        method = tokenreduce.build_method(name, geo, **params)
+        assert reduced_tokens(method, (1, 8, 8)) == want
+        tokenreduce.patch(model, name, **params)
+        try:
+            v = visual("image", (1, 8, 8), 1)
+            with torch.no_grad():
+                f = model.model.get_image_features(v.pixels, torch.tensor([v.grid]))
+            assert f.pooler_output[0].shape[0] == want
+        finally:
+            tokenreduce.unpatch(model)
+    fastv = tokenreduce.build_method("fastv", tokenreduce.api.Geometry(num_blocks=4, num_prefix=0, num_patches=None,
+                                                                       dim=32, num_heads=4), keep=3)
+    with pytest.raises(ValueError, match="not at the vision tower"):
+        reduced_tokens(fastv, (1, 8, 8))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unpatch_restores_the_model(models, kind):
+    model = models[kind]
+    rows, vis = scenario(kind)
+    inputs = batch(rows, vis)
+    keys = set(model.state_dict())
+    with torch.no_grad():
+        before = model(**inputs).logits
+    for method, params in (("visionzip", dict(dominant=2, contextual=1)), ("dart", LLM[0][1])):
+        tokenreduce.patch(model, method, **params)
+        assert set(model.state_dict()) == keys
+        tokenreduce.unpatch(model)
+        with torch.no_grad():
+            assert torch.equal(model(**inputs).logits, before)

@@ -77,7 +77,7 @@ def shrink_prompt(input_ids: torch.Tensor, positions: torch.Tensor, attention_ma
         the side the mask shows (left when every row's last column is real).
     """
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-    keep = (~placeholders | survive)
+    keep = (mask != 0) & (~placeholders | survive)  # padding is made anew
     pad_left = bool((mask[:, -1] != 0).all())
     tensors: Dict[str, Any] = {"input_ids": (input_ids, pad_token_id), "attention_mask": (mask, 0),
                                "position_ids": (positions, 0)}
