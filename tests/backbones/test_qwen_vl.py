@@ -453,3 +453,27 @@ def test_unpatch_restores_the_model(models, kind):
         tokenreduce.unpatch(model)
         with torch.no_grad():
             assert torch.equal(model(**inputs).logits, before)
+
+
+def test_pooled_tokens_take_their_first_members_position_and_mean_deepstack():
+    """Pooling synthesises every token: each takes the M-RoPE slot of its first member (the cell's top-left merged
+    token) and, on Qwen3-VL, the mean of its members' deepstack features."""
+    from tokenreduce.ops.pool import pool_grid, pool_membership
+    model = tiny_qwen("qwen3", seed=2)
+    v = visual("image", (1, 8, 12), 3)  # a 4 x 6 grid of merged tokens
+    grid = torch.tensor([v.grid])
+    with torch.no_grad():
+        full = model.model.get_image_features(v.pixels, grid)
+    tokenreduce.patch(model, "pool", keep=6)
+    try:
+        with torch.no_grad():
+            out = model.model.get_image_features(v.pixels, grid)
+        kept = tokenreduce.info(model).kept[len(model.model.visual.blocks) - 1][0]
+    finally:
+        tokenreduce.unpatch(model)
+    cells = pool_grid(4, 6, 6)
+    member = pool_membership((4, 6), cells, torch.float64, torch.device("cpu"))  # [K, P]
+    assert kept.tolist() == member.argmax(dim=1).tolist() == sorted(kept.tolist())
+    for level, (d_out, d_full) in enumerate(zip(out.deepstack_features, full.deepstack_features)):
+        want = (member / member.sum(1, keepdim=True)) @ d_full[0]
+        torch.testing.assert_close(d_out[0], want, rtol=1e-12, atol=1e-12)
