@@ -208,6 +208,9 @@ class LlavaFamilyAdapter(Adapter):
     #: the ``forward`` / ``generate`` arguments the image encoder takes
     image_kwargs: ClassVar[Tuple[str, ...]] = ("vision_feature_layer", "vision_feature_select_strategy",
                                                "image_sizes")
+    #: whether a reduced input may need more placeholder tokens than the processor wrote (anyres rows kept whole
+    #: where the processor counts the unpadded grid): the prompt's runs then also lengthen
+    grow_runs: ClassVar[bool] = False
 
     @classmethod
     def claims(cls, model: nn.Module) -> bool:
@@ -332,7 +335,8 @@ class LlavaFamilyAdapter(Adapter):
                 patcher.set_attr(inner, fn, FeaturesWindow(self, patcher.original(inner, fn), modality))
             self.install_layout(patcher, inner)
             shrink = PromptShrink(self.model, self.image_token_id, inner.get_image_features,
-                                  vision_kwargs=self.image_kwargs, modalities=self.extra_modalities(inner))
+                                  vision_kwargs=self.image_kwargs, modalities=self.extra_modalities(inner),
+                                  grow=self.grow_runs)
             patcher.set_attr(self.model, "forward", ShrinkingForward(shrink, patcher.original(self.model, "forward")))
         else:
             shrink = None

@@ -9,7 +9,9 @@ patches on one unpadded grid, an ``image_newline`` token ending each of its rows
   VisionZip's ``dominant + contextual``) tokens per row, the base image and each crop, as the official VisionZip
   code for LLaVA-NeXT does; the rows' tokens are packed by :mod:`tokenreduce.backbones.llava.anyres` (base image,
   then the crops in grid order, no newline tokens inside a multi-row image), so an image of ``r`` rows gets exactly
-  ``keep * r`` visual tokens (:func:`~tokenreduce.backbones.llava.anyres.reduced_image_tokens`);
+  ``keep * r`` visual tokens (:func:`~tokenreduce.backbones.llava.anyres.reduced_image_tokens`); the prompt's
+  placeholder run is resized to that count (it can grow: for a very elongated image the processor's unpadded
+  count can be below ``keep * r`` at mild budgets);
 - the tower site learns each image's crop count from ``image_sizes`` (CDPruner's per-image instruction reaches all
   its crops);
 - in-LLM methods see the whole packed image — base, crops and newline tokens — as its visual tokens, and their
@@ -39,6 +41,7 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
     name = ("transformers LlavaNextForConditionalGeneration (LLaVA-NeXT, transformers >= 5; CLIP or SigLIP vision "
             "tower, anyres crops, for vision-side methods; a Llama-style language model for in-LLM methods)")
     model_class = LlavaNextForConditionalGeneration
+    grow_runs = True  # an elongated image's unpadded count can be below rows x budget
 
     def rows_of(self, modality: str, arguments: Dict[str, Any]) -> Optional[List[int]]:
         sizes = arguments.get("image_sizes")

@@ -17,7 +17,9 @@ adds:
   base image, crop and video frame. Images are packed by :mod:`tokenreduce.backbones.llava.anyres` (base, crops in
   grid order, no newline inside a multi-row image, no anyres-max interpolation: the budget already bounds the
   count); a video's frames keep their ``keep`` tokens each, without the 2x2 pooling (the method's budget replaces
-  it), plus the video's newline. Counts: :func:`~tokenreduce.backbones.llava.anyres.reduced_image_tokens`,
+  it; above the pooled count per frame a video gets more tokens than unpatched), plus the video's newline. The
+  prompt's placeholder runs are resized to these counts (they can grow: for an elongated image the processor's
+  unpadded count can be below ``keep * rows``). Counts: :func:`~tokenreduce.backbones.llava.anyres.reduced_image_tokens`,
   :func:`~tokenreduce.backbones.llava.anyres.reduced_video_tokens`;
 - SigLIP has no CLS token: methods that rank by CLS attention are refused; FasterVLM / VisPruner / VisionZip rank by
   the attention each patch receives (``Need.ATTN_ROWS`` at the tower site);
@@ -53,17 +55,8 @@ class PoolingSkip(Replacement):
         self.adapter, self.original = adapter, original
 
     def __call__(self, image_features: torch.Tensor) -> torch.Tensor:
-        frames, tokens = int(image_features.shape[0]), int(image_features.shape[1])
-        _, _, reduced = self.adapter.tower_selection(frames, tokens)
-        if not reduced:
-            return self.original(image_features)
-        pooled = self.adapter.pooled_frame_tokens
-        if tokens > pooled:
-            method = self.adapter.method
-            raise ValueError(f"{method.name} leaves {tokens} tokens per video frame, more than the {pooled} that the "
-                             f"model's own 2x2 pooling of a whole frame gives (the prompt holds {pooled} per frame): "
-                             f"for videos, configure at most {pooled} tokens per frame (keep <= {pooled})")
-        return image_features
+        _, _, reduced = self.adapter.tower_selection(int(image_features.shape[0]), int(image_features.shape[1]))
+        return image_features if reduced else self.original(image_features)
 
 
 @register_adapter
@@ -72,6 +65,7 @@ class LlavaOnevisionAdapter(LlavaFamilyAdapter):
             "vision tower, anyres-max crops and videos, for vision-side methods; a Llama-style language model "
             "(Qwen2) for in-LLM methods)")
     model_class = LlavaOnevisionForConditionalGeneration
+    grow_runs = True  # an elongated image's unpadded count (or a video's pooled one) can be below rows x budget
     feature_functions = {"image": "get_image_features", "video": "get_video_features"}
     image_kwargs = ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes", "vision_aspect_ratio",
                     "batch_num_images")
@@ -80,12 +74,6 @@ class LlavaOnevisionAdapter(LlavaFamilyAdapter):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         self.video_token_id = int(self.cfg.video_token_id)
-
-    @property
-    def pooled_frame_tokens(self) -> int:
-        """Tokens per video frame of the unreduced model (the patch grid bilinearly pooled 2x2, sides rounded up)."""
-        rows, cols = self.patch_grid
-        return -(-rows // 2) * -(-cols // 2)
 
     @property
     def visual_token_ids(self) -> Tuple[int, ...]:
@@ -106,7 +94,7 @@ class LlavaOnevisionAdapter(LlavaFamilyAdapter):
 
     def extra_modalities(self, inner: nn.Module) -> Sequence[Modality]:
         return (Modality("video", "pixel_values_videos", self.video_token_id, inner.get_video_features,
-                         self.video_kwargs),)
+                         self.video_kwargs, grow=True),)
 
     def install_layout(self, patcher: Patcher, inner: nn.Module) -> None:
         patcher.set_attr(inner, "pack_image_features",

@@ -37,7 +37,8 @@ def _split_runs(runs: List[List[Tuple[int, int]]], num_images: int) -> List[List
 
 def shrink_image_runs(input_ids: torch.Tensor, image_token_id: int, counts: Sequence[int],
                       attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                      position_ids: Optional[torch.Tensor] = None, pad_token_id: int = 0) -> Dict[str, torch.Tensor]:
+                      position_ids: Optional[torch.Tensor] = None, pad_token_id: int = 0,
+                      grow: bool = False) -> Dict[str, torch.Tensor]:
     """Shrink each image's run of image tokens to the number of features the (reduced) vision tower returned.
 
     Args:
@@ -48,35 +49,60 @@ def shrink_image_runs(input_ids: torch.Tensor, image_token_id: int, counts: Sequ
         attention_mask: ``[B, P + S]`` (P cached tokens before this chunk) or None.
         labels: ``[B, S]`` or None; position_ids: ``[B or 1, S]`` or None.
         pad_token_id: used only when rows end up with different lengths and must be re-padded.
+        grow: also lengthen a run that is shorter than its count (a model whose reduced layout can exceed the
+            processor's count for some images, e.g. anyres crops kept whole where the processor unpads); the added
+            slots copy the run's last token (its mask; label -100) and continue its positions. Without it such a run
+            is an error.
 
     Returns:
         ``{"input_ids", "attention_mask", "labels", "position_ids"}`` (the given ones), each run keeping its first
-        ``count`` positions. Later positions shift down so they stay contiguous. Rows that end up shorter than the
+        ``count`` positions. Later positions shift so they stay contiguous. Rows that end up shorter than the
         longest are re-padded on the side the mask shows (left when the last column is all ones).
     """
     b, s = input_ids.shape
+    device = input_ids.device
     runs = [image_runs(input_ids[i], image_token_id) for i in range(b)]
     if sum(len(r) for r in runs) != len(counts):
         runs = _split_runs(runs, len(counts))
-    keep = torch.ones(b, s, dtype=torch.bool, device=input_ids.device)
+    # per row: the source column of every output slot, its position shift, and whether it is an added slot
+    sources, shifts, added = [], [], []
     it = iter(counts)
     for i, row in enumerate(runs):
+        src: List[int] = []
+        adj: List[int] = []
+        new: List[bool] = []
+        cursor = shift = 0
         for start, end in row:
-            c = int(next(it))
-            if c > end - start:
-                raise ValueError(f"an image has {c} features but only {end - start} image tokens in the prompt")
-            keep[i, start + c:end] = False
-    lengths = keep.sum(dim=1)
+            c, n = int(next(it)), end - start
+            if c > n and not grow:
+                raise ValueError(f"an image has {c} features but only {n} image tokens in the prompt")
+            src += range(cursor, start + min(c, n))
+            adj += [shift] * (start + min(c, n) - cursor)
+            new += [False] * (start + min(c, n) - cursor)
+            if c > n:
+                src += [end - 1] * (c - n)
+                adj += [shift + k for k in range(1, c - n + 1)]
+                new += [True] * (c - n)
+            shift += c - n
+            cursor = end
+        src += range(cursor, s)
+        adj += [shift] * (s - cursor)
+        new += [False] * (s - cursor)
+        sources.append(torch.tensor(src, dtype=torch.long, device=device))
+        shifts.append(torch.tensor(adj, dtype=torch.long, device=device))
+        added.append(torch.tensor(new, dtype=torch.bool, device=device))
     out: Dict[str, torch.Tensor] = {}
     chunk_mask = attention_mask[:, -s:] if attention_mask is not None else None
     pad_left = chunk_mask is None or bool((chunk_mask[:, -1] != 0).all())
-    width = int(lengths.max())
+    width = max(int(t.shape[0]) for t in sources)
 
-    def pack(t: torch.Tensor, fill) -> torch.Tensor:
+    def pack(t: torch.Tensor, fill, per_row=None) -> torch.Tensor:
         t = t.expand(b, -1) if t.shape[0] != b else t
         rows = []
         for i in range(b):
-            kept = t[i][keep[i]]
+            kept = t[i][sources[i]]
+            if per_row is not None:
+                kept = per_row(i, kept)
             pad = t.new_full((width - kept.shape[0],), fill)
             rows.append(torch.cat([pad, kept]) if pad_left else torch.cat([kept, pad]))
         return torch.stack(rows)
@@ -85,10 +111,9 @@ def shrink_image_runs(input_ids: torch.Tensor, image_token_id: int, counts: Sequ
     if attention_mask is not None:
         out["attention_mask"] = torch.cat([attention_mask[:, :-s], pack(chunk_mask, 0)], dim=1)
     if labels is not None:
-        out["labels"] = pack(labels, -100)
+        out["labels"] = pack(labels, -100, lambda i, t: t.masked_fill(added[i], -100))
     if position_ids is not None:
-        removed_before = torch.cumsum(~keep, dim=1) - (~keep).to(torch.long)
-        out["position_ids"] = pack(position_ids - removed_before, 0)
+        out["position_ids"] = pack(position_ids, 0, lambda i, t: t + shifts[i])
     return out
 
 

@@ -45,6 +45,8 @@ class Modality(NamedTuple):
         encode: ``encode(<pixels>=..., return_dict=True, **vision_kwargs) -> features`` whose ``pooler_output``
             iterates over the inputs, ``[n_i, D]`` each (a list, or a ``[N, n, D]`` tensor).
         vision_kwargs: the ``forward`` / ``generate`` arguments ``encode`` takes.
+        grow: whether a run may also lengthen (a reduced layout that can exceed the processor's count for some
+            inputs); see :func:`~tokenreduce.backbones.vlm.prompt.shrink_image_runs`.
     """
 
     key: str
@@ -52,6 +54,7 @@ class Modality(NamedTuple):
     token_id: int
     encode: Callable[..., Any]
     vision_kwargs: Tuple[str, ...]
+    grow: bool = False
 
 
 class PromptShrink:
@@ -64,15 +67,16 @@ class PromptShrink:
             ``[n_i, D]`` per image (``get_image_features`` of the inner model).
         vision_kwargs: the ``forward`` / ``generate`` arguments ``encode`` takes (e.g. ``vision_feature_layer``).
         modalities: further visual inputs (e.g. videos), handled the same way after the images.
+        grow: whether an image's run may also lengthen (see :class:`Modality`).
     """
 
     def __init__(self, model: nn.Module, image_token_id: int, encode: Callable[..., Any],
                  vision_kwargs=("vision_feature_layer", "vision_feature_select_strategy", "image_sizes"),
-                 modalities: Sequence[Modality] = ()) -> None:
+                 modalities: Sequence[Modality] = (), grow: bool = False) -> None:
         self.model, self.image_token_id, self.encode = model, int(image_token_id), encode
         self.vision_kwargs = tuple(vision_kwargs)
         self.modalities: List[Modality] = [Modality("image", "pixel_values", self.image_token_id, encode,
-                                                    self.vision_kwargs), *modalities]
+                                                    self.vision_kwargs, grow), *modalities]
 
     def features(self, pixel_values: torch.Tensor, arguments: Dict[str, Any],
                  modality: Optional[Modality] = None) -> Any:
@@ -83,11 +87,12 @@ class PromptShrink:
     def shrink(self, input_ids: torch.Tensor, features: Any, modality: Optional[Modality] = None,
                **tensors: Optional[torch.Tensor]) -> Optional[Dict[str, torch.Tensor]]:
         """``None`` when the prompt already has one placeholder token per feature, else the shrunk tensors."""
-        token = (modality or self.modalities[0]).token_id
+        m = modality or self.modalities[0]
         counts = [int(f.shape[0]) for f in features.pooler_output]
-        if int((input_ids == token).sum()) == sum(counts):
+        if int((input_ids == m.token_id).sum()) == sum(counts):
             return None
-        return shrink_image_runs(input_ids, token, counts, pad_token_id=pad_token_id(self.model.config), **tensors)
+        return shrink_image_runs(input_ids, m.token_id, counts, pad_token_id=pad_token_id(self.model.config),
+                                 grow=m.grow, **tensors)
 
     def encode_all(self, input_ids: torch.Tensor, arguments: Dict[str, Any], names: Sequence[str]
                    ) -> Tuple[Dict[str, Any], Optional[Dict[str, torch.Tensor]]]:
