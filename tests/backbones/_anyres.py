@@ -72,6 +72,31 @@ def tiny_onevision(attn: str = "sdpa", seed: int = 0, vision_layers: int = 3, lm
     return _noisy(transformers.LlavaOnevisionForConditionalGeneration(cfg), seed)
 
 
+def tiny_clip_dir(path) -> str:
+    """A tiny random CLIPModel of the tiny towers' width (32) saved to ``path``, with a CLIP tokenizer of single
+    letters: CDPruner's ``text_encoder``."""
+    import string
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=8, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                           image_size=SIDE, patch_size=PATCH),
+        projection_dim=16)
+    torch.manual_seed(0)
+    clip = transformers.CLIPModel(cfg)
+    with torch.no_grad():
+        for p in clip.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    clip.save_pretrained(path)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in string.ascii_lowercase:
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    transformers.CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(path)
+    return str(path)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # samples
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,8 +2,6 @@
 every method the adapter runs in batched generation (KV cache, left and right padding, images of different sizes
 and crop counts, a two-image prompt, prompts of different lengths) equal to each sample alone, with the token count
 the layout promises; what it refuses, with the reason."""
-import string
-
 import pytest
 import torch
 
@@ -11,7 +9,7 @@ import tokenreduce
 from tokenreduce.backbones.llava.anyres import crop_grid, crop_order, reduced_image_tokens
 
 from ._anyres import (NEXT_PINPOINTS, PATCHES, SIDE, Sample, check_batch_equals_alone, full_tokens, pad, pixels,
-                      prompt_ids, tiny_next, transformers)
+                      prompt_ids, tiny_clip_dir, tiny_next)
 
 #: a 1x2-crop image, a 2x2-crop image of another aspect, and a prompt with two images (2x2 and 1x2 crops)
 SAMPLES = [Sample([(50, 100)], text=(3, 4)), Sample([(90, 60)], text=(6, 2), seed=1),
@@ -179,27 +177,7 @@ def test_pdrop_and_sparsevlm_batched_equal_alone():
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    """A tiny random CLIPModel of the tiny tower's width (32), with a CLIP tokenizer of single letters."""
-    cfg = transformers.CLIPConfig(
-        text_config=dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=8, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                           image_size=SIDE, patch_size=7),
-        projection_dim=16)
-    torch.manual_seed(0)
-    clip = transformers.CLIPModel(cfg)
-    with torch.no_grad():
-        for p in clip.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    path = tmp_path_factory.mktemp("clip")
-    clip.save_pretrained(path)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in string.ascii_lowercase:
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    transformers.CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(path)
-    return str(path)
+    return tiny_clip_dir(tmp_path_factory.mktemp("clip"))
 
 
 def test_cdpruner_per_image_instructions_reach_every_crop(model, clip_dir):
