@@ -71,7 +71,8 @@ def resolve_config_path(ref: Union[str, os.PathLike]) -> Path:
     path = Path(ref)
     if path.is_file():
         return path
-    for candidate in (CONFIG_DIR / path, CONFIG_DIR / path.with_suffix(".yaml")):
+    # a name may hold dots ("atc/deit_small_keep0.7"): add ".yaml" rather than replace a "suffix"
+    for candidate in (CONFIG_DIR / path, CONFIG_DIR / f"{path}.yaml"):
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(f"config {str(ref)!r} not found (neither a file nor a name under {CONFIG_DIR}); "

@@ -24,8 +24,10 @@ COMMANDS: Dict[str, Tuple[str, str, str]] = {
              "evaluate a model unpatched and with methods (top-1/top-5, GFLOPs, img/s); no arguments: the "
              "offline Fashion-MNIST default job"),
     "bench": ("tokenreduce.cli.bench", "main", "throughput of unpatched vs patched timm models"),
-    "search-rates": ("tokenreduce.diffrate_search", "main",
-                     "DiffRate rate search: learn per-block kept counts for a FLOPs target"),
+    "search-rates": ("tokenreduce.train.rate_search", "main",
+                     "DiffRate rate search: learn per-block kept counts for a FLOPs target (torchrun)"),
+    "train-thresholds": ("tokenreduce.train.thresholds", "main",
+                         "LTMP: learn per-block merge and prune thresholds for a FLOPs target (torchrun)"),
     "methods": ("tokenreduce.cli.methods", "main", "list the registered methods with parameters and defaults"),
     "visualize": ("tokenreduce.cli.visualize", "main", "draw which patches a method merged or dropped (PNG)"),
     "plot": ("tokenreduce.cli.plot", "main", "accuracy vs GFLOPs and vs img/s from eval results files (PNG)"),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -68,12 +67,11 @@ FASHION_MNIST = ("fashion-mnist", "fmnist")
 
 
 def build_model(cfg: TrainConfig) -> nn.Module:
-    """A timm model by name, or ``"reference"``: the project's trained Fashion-MNIST ViT (tokenreduce.reference)."""
-    if cfg.model == "reference":
-        from ..evaluation.reference import load_reference_model
-        return load_reference_model()
-    import timm
-    return timm.create_model(cfg.model, pretrained=cfg.pretrained, **(cfg.model_kwargs or {}))
+    """A timm model by name, or ``"reference"``: the project's trained Fashion-MNIST ViT (the evaluation's one
+    model builder, :func:`tokenreduce.evaluation.models.build_model`)."""
+    from ..evaluation.models import build_model as build_named_model
+    return build_named_model(None if cfg.model == "reference" else cfg.model, pretrained=cfg.pretrained,
+                             **(cfg.model_kwargs or {}))
 
 
 def training_data(cfg: TrainConfig, model: nn.Module):
@@ -103,16 +101,11 @@ def training_data(cfg: TrainConfig, model: nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # Processes
 def dist_setup() -> Tuple[int, int, torch.device]:
-    """Join the torchrun process group if there is one: ``(rank, world_size, device)``."""
-    import torch.distributed as dist
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    """Join the torchrun process group if there is one: ``(rank, world_size, device)`` (the evaluation's set-up:
+    nccl on GPUs, gloo on CPUs)."""
+    from ..evaluation.distributed import init_distributed, rank_and_world
+    device = init_distributed("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world = rank_and_world()
     return rank, world, device
 
 

@@ -96,6 +96,12 @@ class SearchRun:
     live: List[int] = field(default_factory=list)  # live tokens entering each block
 
 
+def _check_counts(value: Any) -> Optional[str]:
+    if value is None or int_list(1)(value) is None:
+        return None
+    return "must be a list of per-block kept token counts (ints >= 1, including CLS), or None"
+
+
 def _check_rates(value: Any) -> Optional[str]:
     if value is None or isinstance(value, (str, os.PathLike)):
         return None
@@ -119,8 +125,8 @@ class DiffRate(ReductionMethod):
                "kept counts (released tables or a rate search)")
     params = {
         "prune_kept": Param(None, "kept tokens after pruning, per block, incl. CLS (upstream set_kept_num)",
-                            int_list(1, optional=True)),
-        "merge_kept": Param(None, "kept tokens after merging, per block, incl. CLS", int_list(1, optional=True)),
+                            _check_counts),
+        "merge_kept": Param(None, "kept tokens after merging, per block, incl. CLS", _check_counts),
         "rates": Param(None, "a rate YAML file or a released table, e.g. 'deit_small@2.9' (configs/diffrate)",
                        _check_rates),
         "granularity": Param(1, "rate search: step between candidate kept counts (int, or [prune, merge])",
