@@ -45,6 +45,7 @@ except ImportError:  # pragma: no cover
     SiglipAttention = SiglipEncoderLayer = SiglipVisionModel = None  # type: ignore
 
 VISION_SITES = frozenset({Site.BLOCK_MID, Site.BLOCK_OUT, Site.TOWER_OUT})
+_UNSET = object()
 CLS_NEEDS = frozenset({Need.CLS_ATTN, Need.CLS_ATTN_PER_HEAD})
 
 
@@ -89,16 +90,24 @@ class FeaturesWindow(Replacement):
         for name, value in list(arguments.items()):  # keyword arguments collected by **kwargs
             if self.signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
                 arguments.update(arguments.pop(name))
-        self.adapter.check_feature_layer(arguments.get("vision_feature_layer"))
-        rec = self.adapter.begin_forward()
-        self.adapter.rows_per_image = self.adapter.rows_of(self.modality, arguments)
+        adapter = self.adapter
+        adapter.check_feature_layer(arguments.get("vision_feature_layer"))
+        rec = adapter.begin_forward()
+        rows = adapter.rows_of(self.modality, arguments)
+        previous = adapter.__dict__.get("rows_per_image", _UNSET)
+        if rows is not None:  # this call's tower rows per input; else whatever the adapter holds stays
+            adapter.rows_per_image = rows
         try:
             out = self.original(*args, **kwargs)
         except BaseException as error:
             rec.fail(error)
             raise
         finally:
-            self.adapter.rows_per_image = None
+            if rows is not None:
+                if previous is _UNSET:
+                    adapter.__dict__.pop("rows_per_image", None)
+                else:
+                    adapter.rows_per_image = previous
         rec.status = Status.DONE
         return out
 
