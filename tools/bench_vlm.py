@@ -1,0 +1,328 @@
+#!/usr/bin/env python3
+"""Prefill time, time to first token, decode speed and peak memory of a vision-language model, unpatched vs each
+method at the papers' budgets, on random models shaped like the real ones (token and layer counts) at reduced width.
+
+    python tools/bench_vlm.py --backbone qwen2.5-vl                          # Qwen2.5-VL-7B-shaped, CPU
+    python tools/bench_vlm.py --backbone qwen3-vl --threads 1 --clock cpu --out docs/benchmarks/qwen3_vl_cpu.md
+    python tools/bench_vlm.py --backbone qwen2.5-vl --width full --device cuda --dtype bfloat16   # real widths
+    python tools/bench_vlm.py --backbone qwen2.5-vl --methods fastervlm:keep=128 dart:budget=128
+
+Backbones (``BACKBONES``): ``qwen2.5-vl`` (Qwen2.5-VL-7B: 32-block windowed tower, full attention in blocks 7/15/23/31,
+patch 14, 2×2 merger; 28-layer Qwen2 LM with M-RoPE) and ``qwen3-vl`` (Qwen3-VL-8B: 27-block tower, patch 16,
+deepstack from blocks 8/16/24; 36-layer Qwen3 LM), each with one ``--image`` (default 672×896 px: 768 merged tokens
+on Qwen2.5-VL, 588 on Qwen3-VL) between ``--prefix`` and ``--suffix`` text tokens, ``--batch`` copies. Another
+backbone is one entry: a builder and a prompt maker.
+
+Columns: ``visual tokens`` — visual tokens per prompt in the language model's last layer; ``prefill`` — one
+``model(**inputs, use_cache=True)`` (tower, merger, LLM prefill); ``TTFT`` — from the ``generate`` call to the first
+token's logits (tower, merger, prefill: a logits processor stamps every step); ``decode`` — tokens/s of the later
+steps, ``batch·(N−1)`` over the time from the first to the last step's logits (N = ``--new-tokens``); ``peak`` —
+memory above the loaded model during one N-token generate (CUDA: ``max_memory_allocated``; CPU: the peak resident
+set of a fresh process per method minus its size before the call). Times are medians over ``--repeats`` after a
+warm-up.
+"""
+from __future__ import annotations
+
+import _checkout  # noqa: F401,I001  (run from a plain checkout: puts the repository on sys.path)
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Dict, List, Tuple
+
+import torch
+
+import tokenreduce
+
+#: The papers' budgets on a 768-token image: 192 / 128 / 64 visual tokens (LLaVA-1.5's three settings as counts;
+#: VisionZip's dominant:contextual split 54:10 scaled), DART's "128" / "192", FastV K=2.
+PAPER_METHODS = [
+    "visionzip:dominant=162,contextual=30", "visionzip:dominant=108,contextual=20",
+    "visionzip:dominant=54,contextual=10",
+    "fastervlm:keep=192", "fastervlm:keep=64",
+    "vispruner:keep=192", "vispruner:keep=64",
+    "divprune:keep=192", "divprune:keep=64",
+    "pool:keep=192", "pool:keep=64",
+    "random:keep=64",
+    "dart:budget=192", "dart:budget=128",
+    "fastv:layer=2,keep=192", "fastv:layer=2,keep=64",
+]
+
+WIDTHS = {
+    # reduced width: the real block / layer / head-group counts, narrow layers
+    "reduced": dict(vision=dict(hidden_size=128, intermediate_size=256, num_heads=4),
+                    text=dict(hidden_size=256, intermediate_size=688, num_attention_heads=8, num_key_value_heads=2,
+                              vocab_size=2048)),
+}
+
+
+def _qwen25(width: str) -> Any:
+    import transformers
+    if width == "full":
+        vision = dict(hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584)
+        text = dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
+                    vocab_size=152064, rope_parameters=dict(rope_type="default", rope_theta=1e6,
+                                                            mrope_section=[16, 24, 24]))
+    else:
+        w = WIDTHS[width]
+        vision = dict(w["vision"], out_hidden_size=w["text"]["hidden_size"])
+        head = w["text"]["hidden_size"] // w["text"]["num_attention_heads"]
+        text = dict(w["text"], rope_parameters=dict(rope_type="default", rope_theta=1e6,
+                                                    mrope_section=[head // 8, head * 3 // 16, head * 3 // 16]))
+    cfg = transformers.Qwen2_5_VLConfig(
+        vision_config=dict(depth=32, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, hidden_act="silu", **vision),
+        text_config=dict(num_hidden_layers=28, max_position_embeddings=32768, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=2, **text),
+        image_token_id=text["vocab_size"] - 4, video_token_id=text["vocab_size"] - 3,
+        vision_start_token_id=text["vocab_size"] - 2, vision_end_token_id=text["vocab_size"] - 1)
+    return cfg, transformers.Qwen2_5_VLForConditionalGeneration
+
+
+def _qwen3(width: str) -> Any:
+    import transformers
+    if width == "full":
+        vision = dict(hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096)
+        text = dict(hidden_size=4096, intermediate_size=12288, num_attention_heads=32, num_key_value_heads=8,
+                    head_dim=128, vocab_size=151936,
+                    rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_section=[24, 20, 20],
+                                         mrope_interleaved=True))
+    else:
+        w = WIDTHS[width]
+        vision = dict(w["vision"], out_hidden_size=w["text"]["hidden_size"])
+        head = w["text"]["hidden_size"] // w["text"]["num_attention_heads"]
+        text = dict(w["text"], head_dim=head,
+                    rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_interleaved=True,
+                                         mrope_section=[head * 3 // 8, head * 5 // 16, head * 5 // 16]))
+    cfg = transformers.Qwen3VLConfig(
+        vision_config=dict(depth=27, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                           num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24], **vision),
+        text_config=dict(num_hidden_layers=36, max_position_embeddings=32768, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=2, **text),
+        image_token_id=text["vocab_size"] - 4, video_token_id=text["vocab_size"] - 3,
+        vision_start_token_id=text["vocab_size"] - 2, vision_end_token_id=text["vocab_size"] - 1)
+    return cfg, transformers.Qwen3VLForConditionalGeneration
+
+
+def _qwen_inputs(model, args) -> Dict[str, torch.Tensor]:
+    """One image of ``args.image`` pixels (sides rounded to the merger's multiple) between text, ``batch`` copies."""
+    cfg, vc = model.config, model.config.vision_config
+    unit = vc.patch_size * vc.spatial_merge_size
+    h_px, w_px = (int(v) for v in args.image.split("x"))
+    grid = (1, round(h_px / unit) * vc.spatial_merge_size, round(w_px / unit) * vc.spatial_merge_size)
+    merged = grid[1] * grid[2] // vc.spatial_merge_size ** 2
+    g = torch.Generator().manual_seed(0)
+    text = lambda n: torch.randint(3, cfg.text_config.vocab_size - 8, (n,), generator=g)  # noqa: E731
+    row = torch.cat([text(args.prefix), torch.tensor([cfg.vision_start_token_id]),
+                     torch.full((merged,), cfg.image_token_id), torch.tensor([cfg.vision_end_token_id]),
+                     text(args.suffix)])
+    ids = row.repeat(args.batch, 1)
+    dtype = getattr(torch, args.dtype)
+    per_patch = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+    pixels = torch.randn(args.batch * grid[0] * grid[1] * grid[2], per_patch, generator=g)
+    return dict(input_ids=ids.to(args.device), attention_mask=torch.ones_like(ids).to(args.device),
+                mm_token_type_ids=(ids == cfg.image_token_id).int().to(args.device),
+                pixel_values=pixels.to(args.device, dtype),
+                image_grid_thw=torch.tensor([grid] * args.batch).to(args.device))
+
+
+#: backbone -> (config builder(width) -> (config, model class), prompt maker(model, args) -> inputs)
+BACKBONES: Dict[str, Tuple[Callable, Callable]] = {
+    "qwen2.5-vl": (_qwen25, _qwen_inputs),
+    "qwen3-vl": (_qwen3, _qwen_inputs),
+}
+
+
+def parse_method(spec: str) -> Tuple[str, Dict[str, Any]]:
+    """``"name:k=v,k=v"`` -> ``(name, {k: v})`` with ints, floats, bools and None parsed."""
+    name, _, rest = spec.partition(":")
+    params: Dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        for cast in (int, float):
+            try:
+                params[key] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            params[key] = {"True": True, "False": False, "None": None}.get(value, value)
+    return name, params
+
+
+def build(args) -> Tuple[torch.nn.Module, Dict[str, torch.Tensor]]:
+    make_config, make_inputs = BACKBONES[args.backbone]
+    cfg, cls = make_config(args.width)
+    cfg._attn_implementation = args.attn
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = cls(cfg)
+    model = model.to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
+    return model, make_inputs(model, args)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, repeats: int, clock: str = "wall") -> Tuple[float, Any]:
+    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up (``clock="cpu"``: this process's CPU time,
+    steadier on a shared CPU)."""
+    now = time.process_time if clock == "cpu" else time.perf_counter
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = now()
+        out = fn()
+        _sync(device)
+        times.append(now() - t0)
+    return statistics.median(times), out
+
+
+class Stamps:
+    """A logits processor that records the clock at every generation step (after that step's forward)."""
+
+    def __init__(self, now: Callable[[], float]) -> None:
+        self.now = now
+        self.times: List[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.times.append(self.now())
+        return scores
+
+
+def stamped_generate(model, inputs, n: int, device: str, repeats: int, clock: str) -> Tuple[float, float]:
+    """Median ``(time to first token, seconds per later step)`` of greedy ``n``-token generates after a warm-up."""
+    from transformers import LogitsProcessorList
+    now = time.process_time if clock == "cpu" else time.perf_counter
+    first, step = [], []
+    for r in range(repeats + 1):
+        stamps = Stamps(lambda: (_sync(device), now())[1])
+        _sync(device)
+        t0 = now()
+        model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                       logits_processor=LogitsProcessorList([stamps]))
+        if r:
+            first.append(stamps.times[0] - t0)
+            step.append((stamps.times[-1] - stamps.times[0]) / max(1, len(stamps.times) - 1))
+    return statistics.median(first), statistics.median(step)
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def measure(model, inputs, spec: str, args) -> Dict[str, Any]:
+    name, params = parse_method(spec) if spec != "unpatched" else ("unpatched", {})
+    if name != "unpatched":
+        tokenreduce.patch(model, name, **params)
+    n = args.new_tokens
+    gen = lambda k: model.generate(**inputs, max_new_tokens=k, min_new_tokens=k, do_sample=False)  # noqa: E731
+    try:
+        with torch.inference_mode():
+            # peak first, on a fresh process / fresh CUDA peak counter
+            if args.device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                gen(n)
+                peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+            else:
+                base = _rss_mib()
+                gen(n)
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+            prefill, out = timed(lambda: model(**inputs, use_cache=True), args.device, args.repeats, args.clock)
+            last = out.cache.layers[-1].keys.shape[-2]
+            cfg = model.config
+            ids = inputs["input_ids"][0]
+            text_tokens = int(((ids != cfg.image_token_id) & (ids != cfg.video_token_id)).sum())
+            ttft, per_step = stamped_generate(model, inputs, n, args.device, args.repeats, args.clock)
+    finally:
+        if tokenreduce.is_patched(model):
+            tokenreduce.unpatch(model)
+    decode = args.batch / per_step
+    return dict(method=spec, visual_tokens=last - text_tokens, llm_tokens=last, prefill=prefill, ttft=ttft,
+                decode=decode, peak=peak)
+
+
+def table(rows: List[Dict[str, Any]]) -> str:
+    base = rows[0]
+    lines = ["| method | visual tokens | LLM tokens | prefill (s) | speedup | TTFT (s) | speedup | decode (tok/s) | "
+             "peak (MiB) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['visual_tokens']} | {r['llm_tokens']} | {r['prefill']:.3f} | "
+                     f"{base['prefill'] / r['prefill']:.2f}x | {r['ttft']:.3f} | {base['ttft'] / r['ttft']:.2f}x | "
+                     f"{r['decode']:.1f} | {r['peak']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", default="qwen2.5-vl", choices=sorted(BACKBONES))
+    ap.add_argument("--width", default="reduced", choices=["reduced", "full"], help="layer widths (random weights)")
+    ap.add_argument("--methods", nargs="*", default=PAPER_METHODS, help="name:k=v,... (default: paper budgets)")
+    ap.add_argument("--image", default="672x896", help="image height x width in pixels")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
+    ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prefix", type=int, default=35, help="text tokens before the image")
+    ap.add_argument("--suffix", type=int, default=40, help="text tokens after the image")
+    ap.add_argument("--new-tokens", type=int, default=17)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"])
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one method, print JSON (a fresh process)
+    ap.add_argument("--out", help="also write the table (with the settings) to this markdown file")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import transformers
+    transformers.logging.set_verbosity_error()
+    if args.one:
+        model, inputs = build(args)
+        print(json.dumps(measure(model, inputs, args.one, args)))
+        return 0
+    rows = []
+    passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
+    if "--methods" in passthrough:  # the child gets one method, not the list
+        i = passthrough.index("--methods")
+        j = i + 1
+        while j < len(passthrough) and not passthrough[j].startswith("--"):
+            j += 1
+        passthrough = passthrough[:i] + passthrough[j:]
+    if "--out" in passthrough:
+        i = passthrough.index("--out")
+        passthrough = passthrough[:i] + passthrough[i + 2:]
+    for spec in ["unpatched"] + list(args.methods):
+        # each method in a fresh process: its peak memory is its own
+        done = subprocess.run([sys.executable, __file__, *passthrough, "--one", spec], capture_output=True, text=True)
+        if done.returncode:
+            print(f"{spec}: failed\n{done.stderr[-2000:]}", file=sys.stderr, flush=True)
+            continue
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        r = rows[-1]
+        print(f"{spec}: {r['visual_tokens']} visual tokens, prefill {r['prefill']:.3f}s, TTFT {r['ttft']:.3f}s, "
+              f"decode {r['decode']:.1f} tok/s, peak {r['peak']:.0f} MiB", file=sys.stderr, flush=True)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    model, inputs = build(args)
+    header = (f"random {args.backbone} ({args.width} width) | {device}, {torch.get_num_threads()} threads | "
+              f"{args.dtype}, {args.attn} | batch {args.batch} | image {args.image} px, prompt "
+              f"{inputs['input_ids'].shape[1]} tokens | {args.new_tokens} new tokens | median of {args.repeats}, "
+              f"{args.clock} clock | torch {torch.__version__}, transformers {transformers.__version__}")
+    text = header + "\n\n" + table(rows)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
