@@ -19,7 +19,7 @@ SETTINGS = {
     "zero_tprune": dict(keep_ratio=0.5), "topk_attn": dict(keep_ratio=0.5), "random": dict(keep_ratio=0.5),
     "l2norm": dict(keep_ratio=0.5), "evit": dict(keep_ratio=0.7, layers=[1, 2]), "ppt": dict(r=8, layers=[1, 2]),
     "ats": dict(layers=[1, 2]), "kmedoids": dict(keep_ratio=0.5, layers=[1]), "dpc_knn": dict(keep_ratio=0.5, layers=[1]),
-    "ltmp": dict(prune_thresholds=[0.0, 0.01, 0.01, 0.0], merge_thresholds=[1.0, 0.9, 0.9, 1.0]),
+    "ltmp": dict(prune_thresholds=[0.0, 0.01, 0.01, 0.0], merge_thresholds=[1.0, 0.5, 0.5, 1.0]),
 }
 
 
