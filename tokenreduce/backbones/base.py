@@ -127,5 +127,6 @@ def find_adapter(model: nn.Module) -> type:
 
 
 def families_offering(site: Site) -> str:
-    """The registered families with a site, for error messages."""
-    return "; ".join(cls.name for cls in adapters() if site in cls.provides) or "none"
+    """The registered families with a site, named briefly (the part of each adapter's name before its details),
+    for error messages."""
+    return ", ".join(cls.name.split(" (")[0] for cls in adapters() if site in cls.provides) or "none"
