@@ -287,3 +287,21 @@ def check_batch_equals_alone(model, method: str, params: Dict[str, Any], samples
                 torch.testing.assert_close(logits[i], alone[i][1][0], atol=atol, rtol=atol)
     finally:
         tokenreduce.unpatch(model)
+
+
+def shaped_like_7b(kind: str, lm_layers: int = 3) -> torch.nn.Module:
+    """A tiny-width model with the real token geometry (LLaVA-NeXT: 336 px / 14 = 576 patches + CLS per row;
+    LLaVA-OneVision: 384 px / 14 = 729 patches per row, no CLS) and the real pinpoints, for checking the budget
+    suites patch (no weights are read, nothing runs)."""
+    text = _text("llama" if kind == "next" else "qwen2", lm_layers)
+    if kind == "next":
+        vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, image_size=336, patch_size=14, hidden_act="quick_gelu")
+        cfg = transformers.LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=NEXT_IMAGE,
+                                           vision_feature_layer=-2, vision_feature_select_strategy="default")
+        return transformers.LlavaNextForConditionalGeneration(cfg).eval()
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                  num_attention_heads=4, image_size=384, patch_size=14, vision_use_head=False)
+    cfg = transformers.LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=OV_IMAGE,
+                                            video_token_index=OV_VIDEO)
+    return transformers.LlavaOnevisionForConditionalGeneration(cfg).eval()

@@ -245,3 +245,16 @@ def test_shrink_image_runs_can_grow_a_run():
     assert out["position_ids"].tolist() == [[0, 0, 1, 2, 3, 4, 5], [0, 0, 0, 0, 1, 2, 3]]
     with pytest.raises(ValueError, match="image tokens in the prompt"):
         shrink_image_runs(ids, 9, [4, 1])
+
+
+def test_the_llava_next_budget_suite_patches_a_model_of_its_geometry():
+    """Every config of configs/vlm/llava_next (but CDPruner's, whose text encoder is a download) fits LLaVA-NeXT's
+    576-patch rows and 3+-layer language model."""
+    from tokenreduce.configs import CONFIG_DIR
+    from ._anyres import shaped_like_7b
+    m = shaped_like_7b("next")
+    files = sorted((CONFIG_DIR / "vlm" / "llava_next").glob("*.yaml"))
+    assert len(files) >= 20
+    for f in files:
+        if not f.name.startswith("cdpruner"):
+            tokenreduce.check(m, config=str(f))

@@ -196,3 +196,15 @@ def test_refusals_say_why(model, method, params, match):
     with pytest.raises(ValueError, match=match):
         tokenreduce.patch(model, method, **params)
     assert not tokenreduce.is_patched(model)
+
+
+def test_the_llava_onevision_budget_suite_patches_a_model_of_its_geometry():
+    """Every config of configs/vlm/llava_onevision fits LLaVA-OneVision's 729-patch CLS-less rows."""
+    from tokenreduce.configs import CONFIG_DIR
+    from ._anyres import shaped_like_7b
+    m = shaped_like_7b("onevision")
+    files = sorted((CONFIG_DIR / "vlm" / "llava_onevision").glob("*.yaml"))
+    assert {f.stem.split("_")[0] for f in files} == {"visionzip", "fastervlm", "vispruner", "divprune", "pool",
+                                                    "random", "fastv", "dart"}
+    for f in files:
+        tokenreduce.check(m, config=str(f))
