@@ -10,16 +10,20 @@ method at the papers' budgets, on random models shaped like the real ones (token
 Backbones (``BACKBONES``): ``qwen2.5-vl`` (Qwen2.5-VL-7B: 32-block windowed tower, full attention in blocks 7/15/23/31,
 patch 14, 2×2 merger; 28-layer Qwen2 LM with M-RoPE) and ``qwen3-vl`` (Qwen3-VL-8B: 27-block tower, patch 16,
 deepstack from blocks 8/16/24; 36-layer Qwen3 LM), each with one ``--image`` (default 672×896 px: 768 merged tokens
-on Qwen2.5-VL, 588 on Qwen3-VL) between ``--prefix`` and ``--suffix`` text tokens, ``--batch`` copies. Another
-backbone is one entry: a builder and a prompt maker.
+on Qwen2.5-VL, 588 on Qwen3-VL); ``llava-next`` (LLaVA-NeXT-7B: CLIP-L/336 tower of 24 layers, anyres crops, 32-layer
+Vicuna; default image 672×672 px: base + 2×2 crops, 2 928 visual tokens) and ``llava-onevision`` (LLaVA-OV-7B:
+26-layer SigLIP/384 without CLS, anyres-max-9 crops, 28-layer Qwen2; default 768×768 px: base + 2×2 crops, 3 699
+visual tokens), each with its papers' budgets (``DEFAULT_METHODS``); the image between ``--prefix`` and ``--suffix``
+text tokens, ``--batch`` copies. Another backbone is one entry: a builder and a prompt maker.
 
 Columns: ``visual tokens`` — visual tokens per prompt in the language model's last layer; ``prefill`` — one
-``model(**inputs, use_cache=True)`` (tower, merger, LLM prefill); ``TTFT`` — from the ``generate`` call to the first
-token's logits (tower, merger, prefill: a logits processor stamps every step); ``decode`` — tokens/s of the later
-steps, ``batch·(N−1)`` over the time from the first to the last step's logits (N = ``--new-tokens``); ``peak`` —
-memory above the loaded model during one N-token generate (CUDA: ``max_memory_allocated``; CPU: the peak resident
-set of a fresh process per method minus its size before the call). Times are medians over ``--repeats`` after a
-warm-up.
+``model(**inputs, use_cache=True)`` (tower, merger, LLM prefill); ``vision`` — ``get_image_features`` alone (the tower
+and the method's selection; ``prefill − vision`` is the language model's share); ``TTFT`` — from the ``generate`` call
+to the first token's logits (tower, merger, prefill: a logits processor stamps every step); ``decode`` — tokens/s of
+the later steps, ``batch·(N−1)`` over the time from the first to the last step's logits (N = ``--new-tokens``);
+``peak`` — memory above the loaded model during one N-token generate (CUDA: ``max_memory_allocated``; CPU: the peak
+resident set of a fresh process per method minus its size before the call). Times are medians over ``--repeats`` after
+a warm-up.
 """
 from __future__ import annotations
 
@@ -130,11 +134,114 @@ def _qwen_inputs(model, args) -> Dict[str, torch.Tensor]:
                 image_grid_thw=torch.tensor([grid] * args.batch).to(args.device))
 
 
+#: LLaVA-NeXT's papers' budgets (VisionZip / DART tables: 640 / 320 / 160 visual tokens) on a 2x2-crop image: 128 /
+#: 64 / 32 per tower row (base image and each crop, as the official VisionZip LLaVA-NeXT code), FastV and DART over
+#: the whole image.
+NEXT_METHODS = [
+    "visionzip:dominant=108,contextual=20", "visionzip:dominant=54,contextual=10",
+    "visionzip:dominant=27,contextual=5",
+    "fastervlm:keep=128", "fastervlm:keep=32",
+    "vispruner:keep=128", "vispruner:keep=32",
+    "divprune:keep=128", "divprune:keep=32",
+    "pool:keep=128", "pool:keep=32",
+    "random:keep=32",
+    "tome:r=20",
+    "dart:budget=640", "dart:budget=320", "dart:budget=160",
+    "fastv:layer=2,keep=640", "fastv:layer=2,keep=160",
+]
+#: LLaVA-OneVision: no paper with official code gives its budgets; LLaVA-1.5's per-image settings (192 / 128 / 64)
+#: per tower row, and the in-LLM methods at the same totals on a 2x2-crop image (5 rows).
+OV_METHODS = [
+    "visionzip:dominant=162,contextual=30", "visionzip:dominant=108,contextual=20",
+    "visionzip:dominant=54,contextual=10",
+    "fastervlm:keep=192", "fastervlm:keep=64",
+    "vispruner:keep=192", "vispruner:keep=64",
+    "divprune:keep=192", "divprune:keep=64",
+    "pool:keep=192", "pool:keep=64",
+    "random:keep=64",
+    "tome:r=20",
+    "dart:budget=960", "dart:budget=320",
+    "fastv:layer=2,keep=960", "fastv:layer=2,keep=320",
+]
+
+
+def _llava_next(width: str) -> Any:
+    """LLaVA-NeXT-7B (llava-v1.6-vicuna-7b): CLIP ViT-L/14-336 (24 layers, features from -2, CLS dropped), anyres
+    crops of 336 px (1x2 .. 2x2, 1x3, 3x1), Vicuna-7B (32 layers, MHA)."""
+    import transformers
+    if width == "full":
+        vision = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16)
+        text = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                    vocab_size=32064)
+    else:
+        w = WIDTHS[width]
+        vision = dict(hidden_size=w["vision"]["hidden_size"], intermediate_size=w["vision"]["intermediate_size"],
+                      num_attention_heads=w["vision"]["num_heads"])
+        text = dict(w["text"], num_key_value_heads=w["text"]["num_attention_heads"])  # Vicuna: no GQA
+    cfg = transformers.LlavaNextConfig(
+        vision_config=dict(model_type="clip_vision_model", num_hidden_layers=24, image_size=336, patch_size=14,
+                           hidden_act="quick_gelu", projection_dim=768, **vision),
+        text_config=dict(model_type="llama", num_hidden_layers=32, max_position_embeddings=8192, pad_token_id=0,
+                         bos_token_id=1, eos_token_id=2, **text),
+        image_token_index=text["vocab_size"] - 1, vision_feature_layer=-2, vision_feature_select_strategy="default")
+    return cfg, transformers.LlavaNextForConditionalGeneration
+
+
+def _llava_ov(width: str) -> Any:
+    """LLaVA-OneVision-7B (llava-onevision-qwen2-7b-ov): SigLIP-so400m/14-384 without its last layer (26 layers, no
+    CLS, features of the last, all kept), anyres-max-9 crops of 384 px, Qwen2-7B (28 layers, GQA 28/4)."""
+    import transformers
+    if width == "full":
+        vision = dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16)
+        text = dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
+                    vocab_size=152000)
+    else:
+        w = WIDTHS[width]
+        vision = dict(hidden_size=w["vision"]["hidden_size"], intermediate_size=w["vision"]["intermediate_size"],
+                      num_attention_heads=w["vision"]["num_heads"])
+        text = dict(w["text"])
+    cfg = transformers.LlavaOnevisionConfig(
+        vision_config=dict(model_type="siglip_vision_model", num_hidden_layers=26, image_size=384, patch_size=14,
+                           vision_use_head=False, **vision),
+        text_config=dict(model_type="qwen2", num_hidden_layers=28, max_position_embeddings=32768, pad_token_id=0,
+                         bos_token_id=1, eos_token_id=2, **text),
+        image_token_index=text["vocab_size"] - 2, video_token_index=text["vocab_size"] - 1)
+    return cfg, transformers.LlavaOnevisionForConditionalGeneration
+
+
+def _anyres_inputs(model, args) -> Dict[str, torch.Tensor]:
+    """One image of ``args.image`` pixels as the processor gives it (base image + anyres crops; its placeholder count
+    from ``tokenreduce.backbones.llava.anyres.full_image_tokens``) between text, ``batch`` copies."""
+    from tokenreduce.backbones.llava.anyres import full_image_tokens, tower_rows
+    cfg, vc = model.config, model.config.vision_config
+    size = tuple(int(v) for v in args.image.split("x"))
+    side = vc.image_size // vc.patch_size
+    aspect = getattr(cfg, "vision_aspect_ratio", None)
+    # per row the patches: CLIP's CLS is dropped by the "default" strategy, SigLIP has none
+    n_img = full_image_tokens(size, cfg.image_grid_pinpoints, vc.image_size, (side, side), side * side, True,
+                              int(aspect.replace("anyres_max_", "")) if aspect else None)
+    rows = tower_rows(size, cfg.image_grid_pinpoints, vc.image_size)
+    g = torch.Generator().manual_seed(0)
+    text = lambda n: torch.randint(3, cfg.text_config.vocab_size - 8, (n,), generator=g)  # noqa: E731
+    row = torch.cat([text(args.prefix), torch.full((n_img,), cfg.image_token_id), text(args.suffix)])
+    ids = row.repeat(args.batch, 1)
+    pixels = torch.randn(args.batch, rows, 3, vc.image_size, vc.image_size, generator=g)
+    return dict(input_ids=ids.to(args.device), attention_mask=torch.ones_like(ids).to(args.device),
+                pixel_values=pixels.to(args.device, getattr(torch, args.dtype)),
+                image_sizes=torch.tensor([size] * args.batch).to(args.device))
+
+
 #: backbone -> (config builder(width) -> (config, model class), prompt maker(model, args) -> inputs)
 BACKBONES: Dict[str, Tuple[Callable, Callable]] = {
     "qwen2.5-vl": (_qwen25, _qwen_inputs),
     "qwen3-vl": (_qwen3, _qwen_inputs),
+    "llava-next": (_llava_next, _anyres_inputs),
+    "llava-onevision": (_llava_ov, _anyres_inputs),
 }
+#: backbone -> its default methods (the papers' budgets on it); PAPER_METHODS otherwise
+DEFAULT_METHODS: Dict[str, List[str]] = {"llava-next": NEXT_METHODS, "llava-onevision": OV_METHODS}
+#: backbone -> its default image (height x width px) when --image is not given
+DEFAULT_IMAGES: Dict[str, str] = {"llava-next": "672x672", "llava-onevision": "768x768"}
 
 
 def parse_method(spec: str) -> Tuple[str, Dict[str, Any]]:
@@ -241,24 +348,28 @@ def measure(model, inputs, spec: str, args) -> Dict[str, Any]:
             last = out.cache.layers[-1].keys.shape[-2]
             cfg = model.config
             ids = inputs["input_ids"][0]
-            text_tokens = int(((ids != cfg.image_token_id) & (ids != cfg.video_token_id)).sum())
+            video = getattr(cfg, "video_token_id", None)
+            text_tokens = int(((ids != cfg.image_token_id) & (ids != (-1 if video is None else video))).sum())
+            vision_inputs = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw", "image_sizes")}
+            vision, _ = timed(lambda: model.get_image_features(**vision_inputs), args.device, args.repeats,
+                              args.clock)
             ttft, per_step = stamped_generate(model, inputs, n, args.device, args.repeats, args.clock)
     finally:
         if tokenreduce.is_patched(model):
             tokenreduce.unpatch(model)
     decode = args.batch / per_step
-    return dict(method=spec, visual_tokens=last - text_tokens, llm_tokens=last, prefill=prefill, ttft=ttft,
-                decode=decode, peak=peak)
+    return dict(method=spec, visual_tokens=last - text_tokens, llm_tokens=last, prefill=prefill, vision=vision,
+                ttft=ttft, decode=decode, peak=peak)
 
 
 def table(rows: List[Dict[str, Any]]) -> str:
     base = rows[0]
-    lines = ["| method | visual tokens | LLM tokens | prefill (s) | speedup | TTFT (s) | speedup | decode (tok/s) | "
-             "peak (MiB) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | visual tokens | LLM tokens | prefill (s) | speedup | vision (s) | TTFT (s) | speedup | "
+             "decode (tok/s) | peak (MiB) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['visual_tokens']} | {r['llm_tokens']} | {r['prefill']:.3f} | "
-                     f"{base['prefill'] / r['prefill']:.2f}x | {r['ttft']:.3f} | {base['ttft'] / r['ttft']:.2f}x | "
-                     f"{r['decode']:.1f} | {r['peak']:.0f} |")
+                     f"{base['prefill'] / r['prefill']:.2f}x | {r['vision']:.3f} | {r['ttft']:.3f} | "
+                     f"{base['ttft'] / r['ttft']:.2f}x | {r['decode']:.1f} | {r['peak']:.0f} |")
     return "\n".join(lines)
 
 
@@ -266,8 +377,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="qwen2.5-vl", choices=sorted(BACKBONES))
     ap.add_argument("--width", default="reduced", choices=["reduced", "full"], help="layer widths (random weights)")
-    ap.add_argument("--methods", nargs="*", default=PAPER_METHODS, help="name:k=v,... (default: paper budgets)")
-    ap.add_argument("--image", default="672x896", help="image height x width in pixels")
+    ap.add_argument("--methods", nargs="*", default=None, help="name:k=v,... (default: the backbone's paper budgets)")
+    ap.add_argument("--image", default=None, help="image height x width in pixels (default: 672x896; LLaVA-NeXT "
+                                                  "672x672, LLaVA-OneVision 768x768: 2x2 crops + base)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
@@ -281,6 +393,10 @@ def main(argv=None) -> int:
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one method, print JSON (a fresh process)
     ap.add_argument("--out", help="also write the table (with the settings) to this markdown file")
     args = ap.parse_args(argv)
+    if args.methods is None:
+        args.methods = DEFAULT_METHODS.get(args.backbone, PAPER_METHODS)
+    if args.image is None:
+        args.image = DEFAULT_IMAGES.get(args.backbone, "672x896")
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers
@@ -308,7 +424,8 @@ def main(argv=None) -> int:
             continue
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         r = rows[-1]
-        print(f"{spec}: {r['visual_tokens']} visual tokens, prefill {r['prefill']:.3f}s, TTFT {r['ttft']:.3f}s, "
+        print(f"{spec}: {r['visual_tokens']} visual tokens, prefill {r['prefill']:.3f}s, vision {r['vision']:.3f}s, "
+              f"TTFT {r['ttft']:.3f}s, "
               f"decode {r['decode']:.1f} tok/s, peak {r['peak']:.0f} MiB", file=sys.stderr, flush=True)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     model, inputs = build(args)
