@@ -1,9 +1,10 @@
 """DiffRate ops against plain-loop float64 references and their gradient contracts."""
 import torch
 
-from tokenreduce.ops.diffrate import (FlopCost, candidate_counts, keep_probability, kept_count, masked_merge,
-                                      rate_flops, similarity_merge, soft_keep_mask, softmax_with_policy,
-                                      sort_by_importance, ste_ceil, ste_min)
+from tokenreduce.core import CostModel
+from tokenreduce.methods.diffrate.functional import (candidate_counts, keep_probability, kept_count, masked_merge,
+                                                     rate_flops, similarity_merge, soft_keep_mask, softmax_with_policy,
+                                                     sort_by_importance, ste_ceil, ste_min)
 
 D = torch.float64
 
@@ -107,16 +108,21 @@ def test_softmax_with_policy():
     assert (policy.grad[0, [2, 4]].abs() > 0).all()
     half = softmax_with_policy(logits.to(torch.bfloat16), policy.detach().float())
     assert half.dtype == torch.bfloat16 and torch.isfinite(half.float()).all()
+    # computed in float32 and only then rounded: bit-equal to the float32 result of the same bf16 logits (a bf16
+    # computation inside would round every intermediate and differ)
+    exact = softmax_with_policy(logits.to(torch.bfloat16).float(), policy.detach().float()).to(torch.bfloat16)
+    assert torch.equal(half, exact)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the same under autocast, as in a GPU rate search
+        assert torch.equal(softmax_with_policy(logits.to(torch.bfloat16), policy.detach().float()), exact)
 
 
 def test_rate_flops_ints_and_tensors():
-    cost = FlopCost(num_tokens=10, constant=100.0, attn_linear=(4.0, 4.0), attn_quadratic=(2.0, 2.0),
-                    mlp=(8.0, 8.0))
+    cost = CostModel(constant=100.0, attn_linear=(4.0, 4.0), attn_quadratic=(2.0, 2.0), mlp=(8.0, 8.0))
     ref = 100 + (4 * 10 + 2 * 100 + 8 * 7) + (4 * 7 + 2 * 49 + 8 * 5)
-    assert rate_flops([9, 5], [7, 6], cost) == ref
+    assert rate_flops([9, 5], [7, 6], cost, 10) == ref
     p = [torch.tensor(9.0, requires_grad=True), torch.tensor(5.0, requires_grad=True)]
     m = [torch.tensor(7.0, requires_grad=True), torch.tensor(6.0, requires_grad=True)]
-    f = rate_flops(p, m, cost)
+    f = rate_flops(p, m, cost, 10)
     f.backward()
     assert f.item() == ref
     # N_1 = min(...) feeds mlp_0 + attention of block 1 (4 + 2·2·7), both counts of block 0 get it

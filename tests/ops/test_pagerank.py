@@ -112,6 +112,8 @@ def test_subgraph_matches_loop_reference():
 
 def test_low_precision_is_computed_in_float32():
     a = random_attention(1, 2, 16)
-    got = wpr_importance(a.to(torch.bfloat16), 30)
+    low = a.to(torch.bfloat16)
+    got = wpr_importance(low, 30)
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), wpr_importance(a, 30), atol=2e-3, rtol=2e-2)
+    # the same bf16 inputs iterated in float32: equal up to float32 rounding (iterating in bf16 is ~1e-2 off)
+    torch.testing.assert_close(got, wpr_importance(low.float(), 30), atol=1e-6, rtol=1e-5)
