@@ -305,3 +305,29 @@ def shaped_like_7b(kind: str, lm_layers: int = 3) -> torch.nn.Module:
     cfg = transformers.LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=OV_IMAGE,
                                             video_token_index=OV_VIDEO)
     return transformers.LlavaOnevisionForConditionalGeneration(cfg).eval()
+
+
+#: The ViT methods that also run inside a VLM's tower (as on LLaVA-1.5), at settings that act on a 2-3 layer tower
+VIT_METHODS = [
+    ("atc", dict(r=4)), ("dpc_knn", dict(keep_ratio=0.7, layers=[1])), ("kmedoids", dict(keep_ratio=0.7, layers=[1])),
+    ("l2norm", dict(keep_ratio=0.7, layers=[1])), ("tofu", dict(r=4)), ("zero_tprune", dict(keep_ratio=0.7, layers=[1])),
+]
+#: the ones that rank by the CLS token's attention (refused on a SigLIP tower)
+VIT_CLS_METHODS = [("ppt", dict(r=4)), ("topk_attn", dict(keep_ratio=0.7, layers=[1])),
+                   ("evit", dict(keep_ratio=0.7, layers=[1]))]
+
+
+def tokens_per_row(model, method: str, params: Dict[str, Any], size: Tuple[int, int] = (50, 100)) -> int:
+    """What a method inside the tower leaves per tower row, measured on one image (every row gets the same)."""
+    sample = Sample([size])
+    tokenreduce.patch(model, method, **params)
+    try:
+        with torch.no_grad():
+            feats = model.model.get_image_features(**pixels(model, sample)).pooler_output[0]
+    finally:
+        tokenreduce.unpatch(model)
+    rows = image_rows(model, size, True)
+    assert feats.shape[0] % rows == 0
+    per_row = feats.shape[0] // rows
+    assert per_row < PATCHES, (method, per_row)
+    return per_row

@@ -9,7 +9,7 @@ import tokenreduce
 from tokenreduce.backbones.llava.anyres import crop_grid, crop_order, reduced_image_tokens
 
 from ._anyres import (NEXT_PINPOINTS, PATCHES, SIDE, Sample, check_batch_equals_alone, full_tokens, pad, pixels,
-                      prompt_ids, tiny_clip_dir, tiny_next)
+                      prompt_ids, tiny_clip_dir, tiny_next, tokens_per_row, VIT_CLS_METHODS, VIT_METHODS)
 
 #: a 1x2-crop image, a 2x2-crop image of another aspect, and a prompt with two images (2x2 and 1x2 crops)
 SAMPLES = [Sample([(50, 100)], text=(3, 4)), Sample([(90, 60)], text=(6, 2), seed=1),
@@ -258,3 +258,11 @@ def test_the_llava_next_budget_suite_patches_a_model_of_its_geometry():
     for f in files:
         if not f.name.startswith("cdpruner"):
             tokenreduce.check(m, config=str(f))
+
+
+@pytest.mark.parametrize("method,params", VIT_METHODS + VIT_CLS_METHODS,
+                         ids=[m for m, _ in VIT_METHODS + VIT_CLS_METHODS])
+def test_vit_methods_in_the_tower_batched_equal_alone(model, method, params):
+    """The ViT methods run in the CLIP tower's layers per tower row, as on LLaVA-1.5 (merged tokens go after the
+    crops' grid tokens)."""
+    check_batch_equals_alone(model, method, params, SAMPLES[:2], per_row=tokens_per_row(model, method, params))

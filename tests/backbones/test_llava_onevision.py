@@ -11,7 +11,7 @@ from tokenreduce.backbones.llava.anyres import reduced_image_tokens, reduced_vid
 
 from ._anyres import (OV_IMAGE, OV_PINPOINTS, OV_VIDEO, PATCHES, SIDE, Sample, batch_pixels,
                       check_batch_equals_alone, full_tokens, full_video_tokens, pad, pixels, prompt_ids,
-                      tiny_clip_dir, tiny_onevision)
+                      tiny_clip_dir, tiny_onevision, tokens_per_row, VIT_CLS_METHODS, VIT_METHODS)
 
 #: one image with 1x2 crops; one with 3x3 crops interpolated down (anyres_max_4); a two-image prompt (one row per
 #: image); a video; an image and a video in one prompt
@@ -95,10 +95,11 @@ def test_cls_less_methods_rank_by_received_attention(model, method, params, k):
         assert kept[r].tolist() == top, r
 
 
-@pytest.mark.parametrize("method", ["topk_attn", "evit", "ppt"])
-def test_cls_attention_methods_are_refused(model, method):
-    with pytest.raises(ValueError, match="(no CLS token|no class token)"):
-        tokenreduce.patch(model, method)
+@pytest.mark.parametrize("method,params", VIT_CLS_METHODS + [("ats", {}), ("diffrate", {})],
+                         ids=[m for m, _ in VIT_CLS_METHODS] + ["ats", "diffrate"])
+def test_cls_attention_methods_are_refused(model, method, params):
+    with pytest.raises(ValueError, match="(no CLS token|no class token|attention_probs)"):
+        tokenreduce.patch(model, method, **params)
     assert not tokenreduce.is_patched(model)
 
 
@@ -208,3 +209,10 @@ def test_the_llava_onevision_budget_suite_patches_a_model_of_its_geometry():
                                                     "random", "fastv", "dart"}
     for f in files:
         tokenreduce.check(m, config=str(f))
+
+
+@pytest.mark.parametrize("method,params", VIT_METHODS, ids=[m for m, _ in VIT_METHODS])
+def test_vit_methods_in_the_tower_batched_equal_alone(model, method, params):
+    """The ViT methods that need no CLS token run in the SigLIP tower's layers, per tower row."""
+    check_batch_equals_alone(model, method, params, [SAMPLES[0], SAMPLES[2]],
+                             per_row=tokens_per_row(model, method, params))

@@ -81,7 +81,8 @@ def _reduced_features(model, inputs):
                               ("video", "pixel_values_videos", "video_grid_thw")):
         if pixels in inputs:
             f = getattr(inner, f"get_{key}_features")(inputs[pixels], inputs[grid], return_dict=True)
-            out[key] = (list(f.pooler_output), [list(level) for level in (getattr(f, "deepstack_features", None) or [])])
+            deep = getattr(f, "deepstack_features", None) or []
+            out[key] = (list(f.pooler_output), [list(level) for level in deep])
     return out
 
 

@@ -311,8 +311,8 @@ class QwenVLAdapter(Adapter):
             reasons.append("its deepstack mergers read blocks "
                            f"{list(self.visual.deepstack_visual_indexes)} at the full token count")
         return (f"methods inside the vision tower (between its blocks) cannot run on {name}: " + "; ".join(reasons) +
-                ". Reduce the merged tokens at the tower's output instead (methods acting at 'tower_out') or inside the "
-                "language model (methods acting at 'llm_layer' that keep positions)")
+                ". Reduce the merged tokens at the tower's output instead (methods acting at 'tower_out') or inside "
+                "the language model (methods acting at 'llm_layer' that keep positions)")
 
     def check_method(self, method: ReductionMethod) -> None:
         if method.site == Site.LLM_LAYER:
