@@ -178,11 +178,16 @@ def build_timm_vit(arch: Dict[str, Any]) -> torch.nn.Module:
     return VisionTransformer(**arch)
 
 
+def clock(name: str):
+    """``time.perf_counter`` (wall) or ``time.process_time`` (this process's CPU time, all its threads)."""
+    return time.process_time if name == "cpu" else time.perf_counter
+
+
 class LocalRunner:
     """A model in this process, behind the worker's interface."""
 
-    def __init__(self, model: torch.nn.Module, x: torch.Tensor) -> None:
-        self.model, self.x = model, x
+    def __init__(self, model: torch.nn.Module, x: torch.Tensor, clock_name: str = "wall") -> None:
+        self.model, self.x, self.now = model, x, clock(clock_name)
 
     def warmup(self, n: int) -> None:
         with torch.inference_mode():
@@ -191,10 +196,10 @@ class LocalRunner:
 
     def time(self, iters: int) -> float:
         with torch.inference_mode():
-            start = time.perf_counter()
+            start = self.now()
             for _ in range(iters):
                 self.model(self.x)
-            return time.perf_counter() - start
+            return self.now() - start
 
     def close(self) -> None:
         pass
@@ -220,6 +225,7 @@ def _worker_main(spec_path: str) -> int:
             return apply_official(spec["method"], spec["root"], model, spec["setting"])
 
     x = torch.load(spec["input"], weights_only=True)
+    now = clock(spec.get("clock", "wall"))
     model = build(torch.float32)
     reply.write(json.dumps({"ready": True, "timm": timm.__version__}) + "\n")
     for line in sys.stdin:
@@ -231,10 +237,10 @@ def _worker_main(spec_path: str) -> int:
             out: Dict[str, Any] = {"ok": True}
         elif cmd["cmd"] == "time":
             with torch.inference_mode():
-                start = time.perf_counter()
+                start = now()
                 for _ in range(cmd["iters"]):
                     model(x)
-                out = {"seconds": time.perf_counter() - start}
+                out = {"seconds": now() - start}
         elif cmd["cmd"] == "check":
             check_x = torch.load(cmd["input"], weights_only=True)
             with _default_dtype(torch.float64), torch.inference_mode():
@@ -262,11 +268,12 @@ class WorkerRunner:
     """An official patch in a worker process (timm 0.4.12), driven through a pipe."""
 
     def __init__(self, method: str, root: str, setting: Dict[str, Any], arch: Dict[str, Any], weights: Path,
-                 x_path: Path, threads: int, python: str, sys_path: Sequence[str], workdir: Path) -> None:
+                 x_path: Path, threads: int, python: str, sys_path: Sequence[str], workdir: Path,
+                 clock_name: str = "wall") -> None:
         spec = workdir / f"worker_{method}.json"
         spec.write_text(json.dumps({"method": method, "root": str(Path(root).resolve()), "setting": setting,
                                     "arch": arch, "weights": str(weights), "input": str(x_path),
-                                    "threads": threads, "sys_path": list(sys_path)}))
+                                    "threads": threads, "sys_path": list(sys_path), "clock": clock_name}))
         self.workdir, self.method = workdir, method
         self.proc = subprocess.Popen([python, str(Path(__file__).resolve()), "--worker", str(spec)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -368,10 +375,10 @@ def compare_model(name: str, officials: List[Tuple[str, str]], args: argparse.Na
                                  "(pip install --no-deps --target DIR timm==0.4.12) or --official-python PY")
             sys_path = [args.official_timm] if args.official_timm else []
             theirs: Any = WorkerRunner(method, root, setting, arch, weights, x_path, threads,
-                                       args.official_python or sys.executable, sys_path, workdir)
+                                       args.official_python or sys.executable, sys_path, workdir, args.clock)
             timm_version = theirs.timm_version
         else:
-            theirs = LocalRunner(apply_official(method, root, copy.deepcopy(plain), setting), x)
+            theirs = LocalRunner(apply_official(method, root, copy.deepcopy(plain), setting), x, args.clock)
             timm_version = timm.__version__
         entries.append(dict(method=method, params=params, setting=setting, ours=ours, theirs=theirs,
                             timm=timm_version))
@@ -396,9 +403,9 @@ def compare_model(name: str, officials: List[Tuple[str, str]], args: argparse.Na
                   f"(logits up to {e['scale']:.2f})", flush=True)
 
     macs_plain = tokenreduce.count_macs(plain, x[:1])
-    runners: List[Any] = [LocalRunner(plain, x)]
+    runners: List[Any] = [LocalRunner(plain, x, args.clock)]
     for e in entries:
-        runners += [LocalRunner(e["ours"], x), e["theirs"]]
+        runners += [LocalRunner(e["ours"], x, args.clock), e["theirs"]]
     rounds = interleaved(runners, args.iters, args.repeats, args.warmup, args.pause)
     rates = [args.iters * args.batch_size / statistics.median(r) for r in rounds]
     for r in runners:
@@ -466,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--iters", type=int, default=1, help="forwards per timed round")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall time, or each process's own CPU time (steady on a shared machine with --threads 1)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (median)")
     p.add_argument("--warmup", type=int, default=1, help="untimed forwards per variant first")
     p.add_argument("--pause", type=float, default=0.5, help="seconds between variants (idle threads settle)")
@@ -502,15 +511,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     load_after = os.getloadavg()
     print(table(rows))
     print(f"speedups against plain timm {meta['timm']} with fused SDPA attention; tokenreduce / official = img/s ratio "
-          f"at the same setting (median of {args.repeats} interleaved rounds of {args.iters} forward(s)); load average "
+          f"at the same setting (median of {args.repeats} interleaved rounds of {args.iters} forward(s), {args.clock} "
+          f"clock); load average "
           f"{load_before[0]:.1f} before, {load_after[0]:.1f} after")
     if args.out:
         out = Path(args.out)
         meta.update(batch=args.batch_size, dtype="fp32", load_before=load_before[0], load_after=load_after[0],
-                    repeats=args.repeats, iters=args.iters)
+                    repeats=args.repeats, iters=args.iters, clock=args.clock)
         text = (f"{meta['device']}; torch {meta['torch']}, timm {meta['timm']} (official PiToMe/DiffRate: timm "
                 f"{', '.join(sorted({r['official_timm'] for r in rows}))}); fp32, batch {args.batch_size}; "
-                f"{meta['date']}; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after\n\n"
+                f"{meta['date']}; median of {args.repeats} interleaved rounds, {args.clock} clock; load average "
+                f"{load_before[0]:.1f} before, {load_after[0]:.1f} after\n\n"
                 + table(rows) + "\n")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)

@@ -36,6 +36,8 @@ def build_parser(prog: str = "tokenreduce bench") -> argparse.ArgumentParser:
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend with --compile ('eager': Dynamo traces only, for a quick check)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall time, or this process's CPU time (CPU runs: steady on a shared machine with --threads 1)")
     p.add_argument("--profile", action="store_true",
                    help="also profile each method's reduction steps (eager, after the timing): their share of block "
                         "time and the ops inside them")
@@ -56,7 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows += benchmark(name, runs, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
                           img_size=args.img_size, pretrained=args.pretrained, iters=args.iters,
                           repeats=args.repeats, warmup=args.warmup, compile=args.compile, profile=args.profile,
-                          compile_backend=args.compile_backend)
+                          compile_backend=args.compile_backend, clock=args.clock)
     print(format_table(rows))
     if args.profile:
         print("reduction steps (analysis, the method's reduce, merge/gather, preview), share of the time inside the "

@@ -45,7 +45,8 @@ class Row:
 def benchmark(model_name: str, runs: Sequence[Tuple[str, Dict[str, Any]]], *, batch_size: int = 32,
               dtype: str = "fp32", device: str = "cpu", img_size: Optional[int] = None, pretrained: bool = False,
               iters: int = 3, repeats: int = 5, warmup: int = 2, compile: bool = False,
-              profile: bool = False, profile_repeats: int = 1, compile_backend: str = "inductor") -> List[Row]:
+              profile: bool = False, profile_repeats: int = 1, compile_backend: str = "inductor",
+              clock: str = "wall") -> List[Row]:
     """Time the unpatched model, then each ``(method, params)`` on copies of the same model and input; with
     ``profile`` also the share of block time each method's reduction steps cost (eager, after the timing)."""
     import timm
@@ -59,14 +60,14 @@ def benchmark(model_name: str, runs: Sequence[Tuple[str, Dict[str, Any]]], *, ba
     variants = [model] + [api.patch(copy.deepcopy(model), method, **params) for method, params in runs]
     macs = [api.count_macs(m, x) for m in variants]
     timed = [torch.compile(m, backend=compile_backend) for m in variants] if compile else variants
-    rates = time_forwards(timed, x, iters=iters, repeats=repeats, warmup=warmup)
+    rates = time_forwards(timed, x, iters=iters, repeats=repeats, warmup=warmup, clock=clock)
     rows = []
     for i, ((method, params), rate, mac) in enumerate(zip([("none", {})] + list(runs), rates, macs)):
         speedup, flop_speedup = rate / rates[0], macs[0] / mac
         row = Row(model_name, method, format_params(params), batch_size, dtype, str(dev), rate, mac / 1e9,
                   speedup, flop_speedup, speedup / flop_speedup)
         if profile and i > 0:
-            prof = reduction_profile(variants[i], x, repeats=profile_repeats, warmup=0)
+            prof = reduction_profile(variants[i], x, repeats=profile_repeats, warmup=0, clock=clock)
             row.reduction_share, row.reduction_ms = prof.share, 1e3 * prof.reduction_s
             row.reduction_ops = prof.describe(top=4).split(": ", 1)[-1] if prof.ops else ""
         rows.append(row)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .timing import sync
+from .timing import clock_function, sync
 
 STEP_LABEL = "tokenreduce::reduction_step"
 
@@ -39,6 +39,7 @@ class StepProfile:
     reduction_s: float
     steps: int  # reduction steps per forward
     ops: List[Tuple[str, float]] = field(default_factory=list)  # (op, self seconds per forward), largest first
+    ops_total_s: float = 0.0  # the reduction steps' time in the profiled forward (the ops' shares are of this)
 
     @property
     def share(self) -> float:
@@ -49,9 +50,10 @@ class StepProfile:
         """``"3.1% of block time in 12 steps (4.2 ms/forward): aten::sort 30%, aten::bmm 22%, ..."``."""
         head = (f"{100 * self.share:.1f}% of block time in {self.steps} steps "
                 f"({1e3 * self.reduction_s:.1f} ms per forward)")
-        if not self.ops or self.reduction_s <= 0:
+        total = sum(t for _, t in self.ops)  # the profiler's own clock: shares of the steps' op time
+        if not self.ops or total <= 0:
             return head
-        parts = [f"{name.replace('aten::', '')} {100 * t / self.reduction_s:.0f}%" for name, t in self.ops[:top]]
+        parts = [f"{name.replace('aten::', '')} {100 * t / total:.0f}%" for name, t in self.ops[:top]]
         return head + ": " + ", ".join(parts)
 
 
@@ -69,8 +71,9 @@ def _host_of(model: nn.Module) -> Any:
 class _Timers:
     """Wraps a host's reduction entry points and hooks its layers; ``remove()`` restores everything."""
 
-    def __init__(self, host: Any, device: torch.device, label: bool) -> None:
-        self.host, self.device, self.label = host, device, label
+    def __init__(self, host: Any, device: torch.device, label: bool, now: Callable[[], float] = time.perf_counter
+                 ) -> None:
+        self.host, self.device, self.label, self.now = host, device, label, now
         self.reduction = 0.0
         self.blocks = 0.0
         self.steps = 0
@@ -93,7 +96,7 @@ class _Timers:
             self._depth += 1
             try:
                 sync(self.device)
-                start = time.perf_counter()
+                start = self.now()
                 if self.label:
                     with torch.profiler.record_function(STEP_LABEL):
                         out = fn(*args, **kwargs)
@@ -102,18 +105,18 @@ class _Timers:
                 sync(self.device)
             finally:
                 self._depth -= 1
-            self.reduction += time.perf_counter() - start
+            self.reduction += self.now() - start
             self.steps += 1
             return out
         return timed
 
     def _block_start(self, module: nn.Module, args: Any) -> None:
         sync(self.device)
-        self._starts[id(module)] = time.perf_counter()
+        self._starts[id(module)] = self.now()
 
     def _block_end(self, module: nn.Module, args: Any, output: Any) -> None:
         sync(self.device)
-        self.blocks += time.perf_counter() - self._starts.pop(id(module))
+        self.blocks += self.now() - self._starts.pop(id(module))
 
     def reset(self) -> None:
         self.reduction, self.blocks, self.steps = 0.0, 0.0, 0
@@ -143,7 +146,7 @@ def _ops_inside_steps(prof: "torch.profiler.profile") -> List[Tuple[str, float]]
 
 
 def reduction_profile(model: nn.Module, x: torch.Tensor, *, repeats: int = 3, warmup: int = 1,
-                      ops: bool = True) -> StepProfile:
+                      ops: bool = True, clock: str = "wall") -> StepProfile:
     """Profile a patched model's reduction steps on the input ``x`` (see the module docstring).
 
     Args:
@@ -152,11 +155,13 @@ def reduction_profile(model: nn.Module, x: torch.Tensor, *, repeats: int = 3, wa
         repeats: timed forwards; the medians are reported.
         warmup: untimed forwards first.
         ops: also run one forward under ``torch.profiler`` for the op breakdown (CPU self time).
+        clock: ``"wall"`` or ``"cpu"`` (this process's CPU time; see :func:`~tokenreduce.evaluation.timing.time_forwards`).
     """
     host = _host_of(model)
     device = x.device
+    now = clock_function(clock, device)
     forward, blocks, reduction, steps = [], [], [], 0
-    timers = _Timers(host, device, label=False)
+    timers = _Timers(host, device, label=False, now=now)
     try:
         with torch.inference_mode():
             for _ in range(warmup):
@@ -164,26 +169,27 @@ def reduction_profile(model: nn.Module, x: torch.Tensor, *, repeats: int = 3, wa
             for _ in range(max(1, repeats)):
                 timers.reset()
                 sync(device)
-                start = time.perf_counter()
+                start = now()
                 model(x)
                 sync(device)
-                forward.append(time.perf_counter() - start)
+                forward.append(now() - start)
                 blocks.append(timers.blocks)
                 reduction.append(timers.reduction)
                 steps = timers.steps
     finally:
         timers.remove()
     breakdown: List[Tuple[str, float]] = []
+    ops_total = 0.0
     if ops:
-        timers = _Timers(host, device, label=True)
+        timers = _Timers(host, device, label=True, now=now)
         try:
             with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
                 model(x)
         finally:
             timers.remove()
-        breakdown = _ops_inside_steps(p)
+        breakdown, ops_total = _ops_inside_steps(p), timers.reduction
     return StepProfile(statistics.median(forward), statistics.median(blocks), statistics.median(reduction), steps,
-                       breakdown)
+                       breakdown, ops_total)
 
 
 def format_profiles(profiles: List[Tuple[str, Optional[StepProfile]]], top: int = 5) -> str:

@@ -29,13 +29,30 @@ def autocast(device: torch.device, amp: Optional[str]):
     return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
 
 
+#: Clocks :func:`time_forwards` can read: wall time, or this process's CPU time (all its threads).
+CLOCKS = ("wall", "cpu")
+
+
+def clock_function(clock: str, device: torch.device):
+    """``time.perf_counter`` (``"wall"``) or ``time.process_time`` (``"cpu"``: the CPU time of this process, steady on
+    a CPU shared with other jobs when torch runs one thread; meaningless for a GPU, so refused there)."""
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
+    if clock == "cpu" and torch.device(device).type != "cpu":
+        raise ValueError("the cpu clock measures host CPU time: use it for CPU runs only")
+    return time.process_time if clock == "cpu" else time.perf_counter
+
+
 def time_forwards(models: Sequence[torch.nn.Module], x: torch.Tensor, *, iters: int = 1, repeats: int = 5,
-                  warmup: int = 2, amp: Optional[str] = None) -> List[float]:
+                  warmup: int = 2, amp: Optional[str] = None, clock: str = "wall") -> List[float]:
     """Median images per second of each model over ``repeats`` synchronised runs of ``iters`` forwards on ``x``.
 
     The models take turns within every repeat, so slow drifts of the machine (clocks, other load) hit all of them
-    alike and the ratios stay fair.
+    alike and the ratios stay fair. ``clock="cpu"`` times this process's CPU time instead of wall time: on a CPU
+    shared with other jobs and with one torch thread, the time the scheduler gives to other processes is then not
+    counted (with several threads it counts spinning workers too: use wall time there).
     """
+    now = clock_function(clock, x.device)
     rates: List[List[float]] = [[] for _ in models]
     with torch.inference_mode(), autocast(x.device, amp):
         for model in models:
@@ -44,11 +61,11 @@ def time_forwards(models: Sequence[torch.nn.Module], x: torch.Tensor, *, iters: 
         sync(x.device)
         for _ in range(repeats):
             for i, model in enumerate(models):
-                start = time.perf_counter()
+                start = now()
                 for _ in range(iters):
                     model(x)
                 sync(x.device)
-                rates[i].append(iters * x.shape[0] / (time.perf_counter() - start))
+                rates[i].append(iters * x.shape[0] / (now() - start))
     return [statistics.median(r) for r in rates]
 
 
