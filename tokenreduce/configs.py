@@ -182,18 +182,33 @@ def check_config_model(cfg: MethodConfig, model: Any) -> None:
             raise ValueError(f"config {cfg.name!r} was written for {arch}; this model is {actual}. Pass the method "
                              f"and its parameters directly instead: tokenreduce.patch(model, {cfg.method!r}, ...)")
         return
-    try:
-        import timm
-        import torch
-        with torch.device("meta"):
-            reference = timm.create_model(arch, pretrained=False, **cfg.model_kwargs)
-    except Exception:  # an architecture this timm does not know: nothing to compare against
+    reference = _reference_model(arch, cfg.model_kwargs)
+    if reference is None:  # an architecture this timm does not know: nothing to compare against
         return
     want, have = _timm_shape(reference), _timm_shape(model)
     if want != have:
         diff = ", ".join(f"{k} {want[k]} vs {have[k]}" for k in want if want[k] != have[k])
         raise ValueError(f"config {cfg.name!r} was written for {arch} ({diff} in this model). Pass the method and "
                          f"its parameters directly instead: tokenreduce.patch(model, {cfg.method!r}, ...)")
+
+
+def _reference_model(arch: str, kwargs: Dict[str, Any]) -> Optional[Any]:
+    """``timm.create_model(arch)`` without weights, or None for an architecture this timm does not know. Built on
+    the meta device (no memory); timm < 1.0.21 calls ``.item()`` while building a ViT, which meta tensors refuse,
+    so those build it on the CPU instead."""
+    import timm
+    import torch
+    if not timm.is_model(arch):
+        return None
+    try:
+        with torch.device("meta"):
+            return timm.create_model(arch, pretrained=False, **kwargs)
+    except RuntimeError:
+        pass
+    try:
+        return timm.create_model(arch, pretrained=False, **kwargs)
+    except Exception:  # arguments this timm does not take: nothing to compare against
+        return None
 
 
 def list_configs(method: Optional[str] = None) -> List[Path]:
