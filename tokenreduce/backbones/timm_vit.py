@@ -171,7 +171,7 @@ class TimmViTAdapter(Adapter):
     def check_model(cls, model: nn.Module) -> None:
         if TIMM_ERROR is not None:
             import timm
-            raise ValueError(f"tokenreduce needs timm >= 1.0.9 (timm.layers.Attention); this timm "
+            raise ValueError(f"tokenreduce needs timm >= 1.0.16 (timm.layers.Attention); this timm "
                              f"{timm.__version__} fails with: {TIMM_ERROR}. Upgrade with: pip install -U timm")
         for i, blk in enumerate(model.blocks):
             if type(blk).forward is not TimmBlock.forward:

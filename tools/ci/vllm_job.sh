@@ -12,8 +12,8 @@ cd "$(dirname "$0")/../.."
 VENV=${VLLM_VENV:-.venv-vllm}
 PY=$VENV/bin/python
 STAMP=$VENV/.tokenreduce-vllm-job
-WANT=$( (cat "$0" tools/ci/vllm_torchvision_cpu.py; echo "$PWD") | sha256sum | cut -c1-16)  # script + checkout
-SITE_FIX=tools/ci/vllm_torchvision_cpu.py
+WANT=$( (cat "$0" tools/ci/torchvision_cpu.py; echo "$PWD") | sha256sum | cut -c1-16)  # script + checkout
+SITE_FIX=tools/ci/torchvision_cpu.py
 t0=$(date +%s)
 
 quiet_pip() {  # pip, without the notices about this machine's optional local index folders
@@ -43,8 +43,8 @@ install() {
   #    (through transformers' Pixtral processor). An import hook declares the two ops whose fake kernels torchvision
   #    registers unconditionally; no file of torchvision or vLLM is edited.
   site=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-  cp "$SITE_FIX" "$site/tokenreduce_vllm_torchvision_cpu.py"
-  echo "import tokenreduce_vllm_torchvision_cpu" > "$site/tokenreduce_vllm_torchvision_cpu.pth"
+  cp "$SITE_FIX" "$site/tokenreduce_torchvision_cpu.py"
+  echo "import tokenreduce_torchvision_cpu" > "$site/tokenreduce_torchvision_cpu.pth"
   # tokenreduce itself: its runtime needs (torch, transformers, safetensors, einops, pyyaml) come with vLLM.
   quiet_pip install -q --no-deps -e . 2>/dev/null  # (setuptools' editable-install notice is noise here)
   # The entry point vLLM loads the plugin by. Until setup.cfg declares it, a metadata-only shim declares it.
