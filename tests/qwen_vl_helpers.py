@@ -147,3 +147,14 @@ def placeholder_slots(ids: torch.Tensor, token: int) -> List[Tuple[int, int]]:
     """``[(row, column)]`` of every placeholder of ``token``, batch-major, left to right."""
     return [tuple(rc) for rc in (ids == token).nonzero().tolist()]
 
+
+def cache_of(out):
+    """The KV cache a forward returned: ``out.cache`` since transformers 5.24, ``out.past_key_values`` before."""
+    return out.cache if hasattr(out, "cache") else out.past_key_values
+
+
+def cache_kwarg(module) -> str:
+    """The name ``module.forward`` takes the KV cache by (``cache`` since transformers 5.24, ``past_key_values``
+    before)."""
+    import inspect
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"

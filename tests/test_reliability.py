@@ -240,3 +240,28 @@ def test_deep_copies_and_two_instances_stay_independent():
     assert torch.equal(ya, yc)
     assert tokenreduce.info(a).tokens_per_layer == tokenreduce.info(c).tokens_per_layer
     assert tokenreduce.info(b).tokens_per_layer != tokenreduce.info(a).tokens_per_layer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# §1 Versions: below the declared floor, a clear error instead of a failure deep inside generate()
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("version,ok", [("5.17.0", False), ("4.57.6", False), ("5.18.0", True), ("5.24.0.dev0", True),
+                                        ("6.0.0", True)])
+def test_the_vlm_backbones_check_the_transformers_floor(version, ok):
+    from tokenreduce.backbones.vlm.shrink import check_transformers
+    if ok:
+        check_transformers(version)
+    else:
+        with pytest.raises(ValueError, match=r"need transformers >= 5\.18 .*pip install -U 'transformers>=5\.18'"):
+            check_transformers(version)
+
+
+def test_patching_a_vlm_on_an_old_transformers_is_refused_before_touching_it(monkeypatch):
+    import transformers
+
+    from .llava_helpers import tiny_llava
+    model = tiny_llava()
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    with pytest.raises(ValueError, match="this is transformers 5.17.0"):
+        tokenreduce.patch(model, "visionzip", dominant=4, contextual=2)
+    assert not tokenreduce.is_patched(model)

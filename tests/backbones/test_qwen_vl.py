@@ -14,8 +14,8 @@ import tokenreduce
 import transformers
 from tokenreduce.backbones.qwen_vl import image_grid, merged_tokens, reduced_tokens, tower_geometry
 
-from ..qwen_vl_helpers import (IMG, PAD, VID, alone, batch, greedy, placeholder_slots, sample, scenario, tiny_qwen,
-                               visual)
+from ..qwen_vl_helpers import (IMG, PAD, VID, alone, batch, cache_kwarg, cache_of, greedy, placeholder_slots, sample,
+                               scenario, tiny_qwen, visual)
 
 KINDS = ("qwen2.5", "qwen3")
 
@@ -145,7 +145,7 @@ def _reference_logits(model, inputs, values, renumber=False):
         logits1 = head(first.last_hidden_state[:, -1])
         token = logits1.argmax(-1)
         second = lm(inputs_embeds=embed(token)[:, None], attention_mask=torch.cat([M, torch.ones(n, 1).long()], 1),
-                    position_ids=P[..., -1:] + 1, cache=first.cache, use_cache=True)
+                    position_ids=P[..., -1:] + 1, use_cache=True, **{cache_kwarg(lm): cache_of(first)})
         logits2 = head(second.last_hidden_state[:, -1])
     return torch.stack([logits1, logits2], 1)
 
@@ -367,7 +367,7 @@ def test_shrunk_prompt_and_cache_hold_the_kept_tokens(models, kind):
     removed = [sum(v.merged - 3 for v in vs) for vs in vis]
     # left-padded to the longest shrunk row; the cache holds exactly that
     want = max(len(r) - d for r, d in zip(rows, removed))
-    assert out.logits.shape[1] == want == out.cache.get_seq_length() < width
+    assert out.logits.shape[1] == want == cache_of(out).get_seq_length() < width
     tokenreduce.patch(model, "fastv", layer=2, keep=2)
     try:
         with torch.no_grad():
@@ -375,7 +375,7 @@ def test_shrunk_prompt_and_cache_hold_the_kept_tokens(models, kind):
         info = tokenreduce.info(model)
     finally:
         tokenreduce.unpatch(model)
-    lengths = [layer.keys.shape[-2] for layer in out.cache.layers]
+    lengths = [layer.keys.shape[-2] for layer in cache_of(out).layers]
     assert lengths[:2] == [width, width] and all(n == info.tokens_per_layer[2] < width for n in lengths[2:])
 
 

@@ -1,4 +1,4 @@
-"""Hugging Face CLIP-style vision towers (transformers >= 5): the layer family that LLaVA's adapters reuse, and the
+"""Hugging Face CLIP-style vision towers (transformers >= 5.18): the layer family that LLaVA's adapters reuse, and the
 adapter for ``CLIPVisionModel`` / ``CLIPVisionModelWithProjection`` as models of their own.
 
 How it hooks in, per instance and reversibly (nothing enters the ``state_dict``, no class is rebound):
@@ -136,7 +136,7 @@ class EncoderDone:
 # ---------------------------------------------------------------------------------------------------------------
 @register_adapter
 class HFClipVisionAdapter(Adapter):
-    name = ("transformers CLIPVisionModel / CLIPVisionModelWithProjection (transformers >= 5, CLIPEncoderLayer "
+    name = ("transformers CLIPVisionModel / CLIPVisionModelWithProjection (transformers >= 5.18, CLIPEncoderLayer "
             "with CLIPAttention; sdpa or eager attention)")
     provides = {site: VISION_BLOCK_NEEDS | {Need.VALID} for site in (Site.BLOCK_IN, Site.BLOCK_MID, Site.BLOCK_OUT)}
 

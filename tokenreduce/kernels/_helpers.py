@@ -20,3 +20,61 @@ def round_to(x, DTYPE: tl.constexpr):
     else:
         y = x.to(DTYPE).to(tl.float32)
     return y
+
+
+@triton.jit
+def row_sq_norms(a_rows, row_ok, offs_d, D, stride_d, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Squared L2 norms (fp32) of ``BLOCK_M`` rows of width ``D``, read in ``BLOCK_D``-wide chunks.
+
+    ``a_rows``: ``[BLOCK_M, 1]`` pointers to the rows' first elements; rows with ``row_ok`` false read zeros.
+    Bytes: ``BLOCK_M·D`` elements read; FLOPs: ``2·BLOCK_M·D``.
+    """
+    sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_D):
+        dk = k0 + offs_d
+        a_k = tl.load(a_rows + dk[None, :] * stride_d, mask=row_ok[:, None] & (dk[None, :] < D), other=0.0)
+        a_k = a_k.to(tl.float32)
+        sq += tl.sum(a_k * a_k, axis=1)
+    return sq
+
+
+@triton.jit
+def tile_dots(a_tile, a_rows, b_cols, row_ok, col_ok, offs_d, D, stride_ad, stride_bd,
+              UPCAST: tl.constexpr, PRECISION: tl.constexpr, COL_NORMS: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_K: tl.constexpr):
+    """One ``[BLOCK_M, BLOCK_N]`` tile of ``A·Bᵀ`` (fp32 accumulation), and with ``COL_NORMS`` the squared norms
+    ``[BLOCK_N]`` of the tile's B rows (fp32; zeros without ``COL_NORMS``).
+
+    ``SINGLE_K`` (``D <= BLOCK_D``): ``a_tile [BLOCK_M, BLOCK_D]`` holds A's rows (loaded once by the caller, kept
+    in registers across column tiles) and one ``BLOCK_D x BLOCK_N`` tile of B is read. Otherwise ``a_tile`` is
+    unused (None) and A (through ``a_rows [BLOCK_M, 1]`` pointers) and B stream through in ``BLOCK_D`` chunks.
+    ``b_cols [1, BLOCK_N]``: pointers to the B rows' first elements. ``UPCAST``: fp32 operands (IEEE products) for
+    dtypes the tensor cores would round. FLOPs: ``2·BLOCK_M·BLOCK_N·D`` (+ ``2·BLOCK_N·D`` for the norms); bytes:
+    ``BLOCK_N·D`` elements of B (+ ``BLOCK_M·D`` of A when streamed).
+    """
+    if SINGLE_K:
+        b_tile = tl.load(b_cols + offs_d[:, None] * stride_bd, mask=col_ok[None, :] & (offs_d[:, None] < D),
+                         other=0.0)
+        if UPCAST:
+            b_tile = b_tile.to(tl.float32)
+        dots = tl.dot(a_tile, b_tile, input_precision=PRECISION)
+        if COL_NORMS:
+            b_f = b_tile.to(tl.float32)
+            sq_b = tl.sum(b_f * b_f, axis=0)
+        else:
+            sq_b = tl.zeros([BLOCK_N], dtype=tl.float32)
+    else:
+        dots = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        sq_b = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_D):
+            dk = k0 + offs_d
+            a_k = tl.load(a_rows + dk[None, :] * stride_ad, mask=row_ok[:, None] & (dk[None, :] < D), other=0.0)
+            b_k = tl.load(b_cols + dk[:, None] * stride_bd, mask=col_ok[None, :] & (dk[:, None] < D), other=0.0)
+            if UPCAST:
+                a_k = a_k.to(tl.float32)
+                b_k = b_k.to(tl.float32)
+            dots = tl.dot(a_k, b_k, dots, input_precision=PRECISION)
+            if COL_NORMS:
+                b_f = b_k.to(tl.float32)
+                sq_b += tl.sum(b_f * b_f, axis=0)
+    return dots, sq_b

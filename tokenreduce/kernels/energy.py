@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ._common import batch_key, device_guard, dot_block, dot_precision, interpreting, upcast_dot_operands
-from ._helpers import round_to
+from ._helpers import round_to, row_sq_norms, tile_dots
 
 
 @triton.jit
@@ -48,19 +48,15 @@ def _energy_kernel(
     base = x_ptr + pid_b * stride_xb
     a_rows = base + rows[:, None].to(tl.int64) * stride_xn
 
-    if SINGLE_K:
+    if SINGLE_K:  # the whole feature dimension fits one tile: load the row block once, keep it in registers
         a_tile = tl.load(a_rows + offs_d[None, :] * stride_xd, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
         if UPCAST:
             a_tile = a_tile.to(tl.float32)
         a_f = a_tile.to(tl.float32)
         sq_a = tl.sum(a_f * a_f, axis=1)
     else:
-        sq_a = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_D):
-            dk = k0 + offs_d
-            a_k = tl.load(a_rows + dk[None, :] * stride_xd, mask=row_ok[:, None] & (dk[None, :] < D),
-                          other=0.0).to(tl.float32)
-            sq_a += tl.sum(a_k * a_k, axis=1)
+        a_tile = None
+        sq_a = row_sq_norms(a_rows, row_ok, offs_d, D, stride_xd, BLOCK_M, BLOCK_D)
     inv_a = 1.0 / tl.maximum(tl.sqrt(tl.where(row_ok, sq_a, 1.0)), eps)
 
     total = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -68,27 +64,8 @@ def _energy_kernel(
         cols = n0 + offs_n
         col_ok = cols < N
         b_cols = base + cols[None, :].to(tl.int64) * stride_xn
-        if SINGLE_K:
-            b_tile = tl.load(b_cols + offs_d[:, None] * stride_xd, mask=col_ok[None, :] & (offs_d[:, None] < D),
-                             other=0.0)
-            if UPCAST:
-                b_tile = b_tile.to(tl.float32)
-            dots = tl.dot(a_tile, b_tile, input_precision=PRECISION)
-            b_f = b_tile.to(tl.float32)
-            sq_b = tl.sum(b_f * b_f, axis=0)
-        else:
-            dots = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            sq_b = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for k0 in range(0, D, BLOCK_D):
-                dk = k0 + offs_d
-                a_k = tl.load(a_rows + dk[None, :] * stride_xd, mask=row_ok[:, None] & (dk[None, :] < D), other=0.0)
-                b_k = tl.load(b_cols + dk[:, None] * stride_xd, mask=col_ok[None, :] & (dk[:, None] < D), other=0.0)
-                if UPCAST:
-                    a_k = a_k.to(tl.float32)
-                    b_k = b_k.to(tl.float32)
-                dots = tl.dot(a_k, b_k, dots, input_precision=PRECISION)
-                b_f = b_k.to(tl.float32)
-                sq_b += tl.sum(b_f * b_f, axis=0)
+        dots, sq_b = tile_dots(a_tile, a_rows, b_cols, row_ok, col_ok, offs_d, D, stride_xd, stride_xd, UPCAST,
+                               PRECISION, True, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_K)
         inv_b = 1.0 / tl.maximum(tl.sqrt(tl.where(col_ok, sq_b, 1.0)), eps)
         t = dots * inv_a[:, None] * inv_b[None, :] - margin
         elu = tl.where(t > 0, t, alpha * (tl.exp(tl.minimum(t, 0.0)) - 1.0))

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from ._common import batch_key, device_guard, dot_block, dot_precision, interpreting, upcast_dot_operands
-from ._helpers import round_to
+from ._helpers import round_to, row_sq_norms, tile_dots
 
 
 @triton.jit
@@ -59,6 +59,7 @@ def _best_match_kernel(
     if HAS_VALID:
         end = tl.minimum(end, tl.load(valid_ptr + pid_b).to(tl.int32))
 
+    a_tile = None
     if SINGLE_K:  # the whole feature dimension fits one tile: load A once, keep it in registers
         a_tile = tl.load(a_base + offs_d[None, :] * stride_ad, mask=row_ok[:, None] & (offs_d[None, :] < D),
                          other=0.0)
@@ -68,12 +69,7 @@ def _best_match_kernel(
             a_f = a_tile.to(tl.float32)
             inv_a = 1.0 / tl.sqrt(tl.where(row_ok, tl.sum(a_f * a_f, axis=1), 1.0))
     elif NORMALIZE:
-        sq_a = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_D):
-            dk = k0 + offs_d
-            a_k = tl.load(a_base + dk[None, :] * stride_ad, mask=row_ok[:, None] & (dk[None, :] < D),
-                          other=0.0).to(tl.float32)
-            sq_a += tl.sum(a_k * a_k, axis=1)
+        sq_a = row_sq_norms(a_base, row_ok, offs_d, D, stride_ad, BLOCK_M, BLOCK_D)
         inv_a = 1.0 / tl.sqrt(tl.where(row_ok, sq_a, 1.0))
 
     best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -82,29 +78,8 @@ def _best_match_kernel(
         cols = n0 + offs_n
         col_ok = cols < end
         b_cols = b_base + cols[None, :].to(tl.int64) * stride_bn
-        if SINGLE_K:
-            b_tile = tl.load(b_cols + offs_d[:, None] * stride_bd, mask=col_ok[None, :] & (offs_d[:, None] < D),
-                             other=0.0)
-            if UPCAST:
-                b_tile = b_tile.to(tl.float32)
-            acc = tl.dot(a_tile, b_tile, input_precision=PRECISION)
-            if NORMALIZE:
-                b_f = b_tile.to(tl.float32)
-                sq_b = tl.sum(b_f * b_f, axis=0)
-        else:
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            sq_b = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for k0 in range(0, D, BLOCK_D):
-                dk = k0 + offs_d
-                a_k = tl.load(a_base + dk[None, :] * stride_ad, mask=row_ok[:, None] & (dk[None, :] < D), other=0.0)
-                b_k = tl.load(b_cols + dk[:, None] * stride_bd, mask=col_ok[None, :] & (dk[:, None] < D), other=0.0)
-                if UPCAST:
-                    a_k = a_k.to(tl.float32)
-                    b_k = b_k.to(tl.float32)
-                acc = tl.dot(a_k, b_k, acc, input_precision=PRECISION)
-                if NORMALIZE:
-                    b_f = b_k.to(tl.float32)
-                    sq_b += tl.sum(b_f * b_f, axis=0)
+        acc, sq_b = tile_dots(a_tile, a_base, b_cols, row_ok, col_ok, offs_d, D, stride_ad, stride_bd, UPCAST,
+                              PRECISION, NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_K)
         if NORMALIZE:
             acc = acc * inv_a[:, None] * (1.0 / tl.sqrt(tl.where(col_ok, sq_b, 1.0)))[None, :]
         # round like the reference's matmul output, then NaN -> +inf so it wins like in torch.max

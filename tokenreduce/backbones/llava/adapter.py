@@ -1,4 +1,5 @@
-"""Adapter for Hugging Face ``LlavaForConditionalGeneration`` (transformers >= 5): LLaVA-1.5 and models built like it.
+"""Adapter for Hugging Face ``LlavaForConditionalGeneration`` (transformers >= 5.18): LLaVA-1.5 and models built
+like it.
 
 Everything is the LLaVA family's shared adapter (:mod:`tokenreduce.backbones.llava.family`): one tower row per
 image, the projected features scattered into the image's placeholder tokens as they are.
@@ -22,6 +23,6 @@ except ImportError:  # pragma: no cover
 
 @register_adapter
 class LlavaAdapter(LlavaFamilyAdapter):
-    name = ("transformers LlavaForConditionalGeneration (transformers >= 5; CLIP or SigLIP vision tower for "
+    name = ("transformers LlavaForConditionalGeneration (transformers >= 5.18; CLIP or SigLIP vision tower for "
             "vision-side methods, a Llama-style language model (Llama, Mistral, Qwen2, Qwen3) for in-LLM methods)")
     model_class = LlavaForConditionalGeneration

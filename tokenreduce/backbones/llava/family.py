@@ -1,4 +1,4 @@
-"""What the adapters of the LLaVA family share (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision in transformers >= 5): a
+"""What the adapters of the LLaVA family share (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision in transformers >= 5.18): a
 vision tower (CLIP or SigLIP) whose features at ``vision_feature_layer`` go through a projector into a Llama-style
 language model, with each visual input's placeholder tokens in the prompt.
 
@@ -33,7 +33,7 @@ from ..layer_host import LayerHost
 from ..macs import linear_macs
 from ..patcher import Original, Patcher, Replacement
 from ..vlm.decoder import DECODER_NEEDS, DecoderSite
-from ..vlm.shrink import Modality, PromptShrink, ShrinkingForward, VlmGenerate
+from ..vlm.shrink import Modality, PromptShrink, ShrinkingForward, VlmGenerate, check_transformers
 from ..vlm.tower import TOWER_NEEDS, TowerSite, feature_layer_index
 from .anyres import crop_grid, pack_reduced
 
@@ -224,6 +224,10 @@ class LlavaFamilyAdapter(Adapter):
     @classmethod
     def claims(cls, model: nn.Module) -> bool:
         return cls.model_class is not None and type(model) is cls.model_class
+
+    @classmethod
+    def check_model(cls, model: nn.Module) -> None:
+        check_transformers()
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

@@ -1,4 +1,4 @@
-"""Adapter for Hugging Face ``LlavaNextForConditionalGeneration`` (transformers >= 5): LLaVA-NeXT (LLaVA-1.6).
+"""Adapter for Hugging Face ``LlavaNextForConditionalGeneration`` (transformers >= 5.18): LLaVA-NeXT (LLaVA-1.6).
 
 LLaVA-NeXT encodes every image as several tower rows — the base image and the crops of its anyres grid (up to
 2x2 for the default ``image_grid_pinpoints``) — and packs them as the base image's patches followed by the crops'
@@ -38,7 +38,7 @@ except ImportError:  # pragma: no cover
 
 @register_adapter
 class LlavaNextAdapter(LlavaFamilyAdapter):
-    name = ("transformers LlavaNextForConditionalGeneration (LLaVA-NeXT, transformers >= 5; CLIP or SigLIP vision "
+    name = ("transformers LlavaNextForConditionalGeneration (LLaVA-NeXT, transformers >= 5.18; CLIP or SigLIP vision "
             "tower, anyres crops, for vision-side methods; a Llama-style language model for in-LLM methods)")
     model_class = LlavaNextForConditionalGeneration
     grow_runs = True  # an elongated image's unpadded count can be below rows x budget

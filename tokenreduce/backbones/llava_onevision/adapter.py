@@ -1,4 +1,4 @@
-"""Adapter for Hugging Face ``LlavaOnevisionForConditionalGeneration`` (transformers >= 5): LLaVA-OneVision.
+"""Adapter for Hugging Face ``LlavaOnevisionForConditionalGeneration`` (transformers >= 5.18): LLaVA-OneVision.
 
 LLaVA-OneVision has a SigLIP tower (no CLS token; features of its last layer, all tokens kept), a Qwen2 language
 model and two visual inputs with their own placeholder tokens:
@@ -61,8 +61,8 @@ class PoolingSkip(Replacement):
 
 @register_adapter
 class LlavaOnevisionAdapter(LlavaFamilyAdapter):
-    name = ("transformers LlavaOnevisionForConditionalGeneration (LLaVA-OneVision, transformers >= 5; SigLIP or CLIP "
-            "vision tower, anyres-max crops and videos, for vision-side methods; a Llama-style language model "
+    name = ("transformers LlavaOnevisionForConditionalGeneration (LLaVA-OneVision, transformers >= 5.18; SigLIP or "
+            "CLIP vision tower, anyres-max crops and videos, for vision-side methods; a Llama-style language model "
             "(Qwen2) for in-LLM methods)")
     model_class = LlavaOnevisionForConditionalGeneration
     grow_runs = True  # an elongated image's unpadded count (or a video's pooled one) can be below rows x budget

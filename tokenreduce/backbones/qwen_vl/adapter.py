@@ -1,5 +1,5 @@
 """Adapters for Hugging Face ``Qwen2_5_VLForConditionalGeneration`` and ``Qwen3VLForConditionalGeneration``
-(transformers >= 5.24): dynamic-resolution towers with a 2×2 patch merger, 3-D M-RoPE language models, images and
+(transformers >= 5.18): dynamic-resolution towers with a 2×2 patch merger, 3-D M-RoPE language models, images and
 videos. One adapter class serves both; the two registered subclasses differ only in which model class they claim.
 
 Which site runs depends only on the method's site:
@@ -34,7 +34,7 @@ from ..base import Adapter
 from ..macs import linear_macs
 from ..patcher import Original, Replacement
 from ..vlm.decoder import DECODER_NEEDS, DecoderSite
-from ..vlm.shrink import PromptShrink, ShrinkingForward, VlmGenerate, pad_token_id
+from ..vlm.shrink import PromptShrink, ShrinkingForward, VlmGenerate, check_transformers, pad_token_id
 from ..vlm.tower import MERGED_TOWER_NEEDS
 from .prompt import rope_deltas, shrink_prompt, surviving_slots, token_types
 from .tower import QwenTowerSite
@@ -273,6 +273,10 @@ class QwenVLAdapter(Adapter):
     def claims(cls, model: nn.Module) -> bool:
         return cls.model_class is not None and type(model) is cls.model_class
 
+    @classmethod
+    def check_model(cls, model: nn.Module) -> None:
+        check_transformers()
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         self.cfg = model.config
@@ -373,12 +377,12 @@ class QwenVLAdapter(Adapter):
 @register_adapter
 class Qwen2_5_VLAdapter(QwenVLAdapter):
     model_class = Qwen2_5_VLForConditionalGeneration
-    name = ("transformers Qwen2_5_VLForConditionalGeneration (transformers >= 5.24; tower-output methods on the "
+    name = ("transformers Qwen2_5_VLForConditionalGeneration (transformers >= 5.18; tower-output methods on the "
             "patch merger's tokens, in-LLM methods that keep M-RoPE positions)")
 
 
 @register_adapter
 class Qwen3VLAdapter(QwenVLAdapter):
     model_class = Qwen3VLForConditionalGeneration
-    name = ("transformers Qwen3VLForConditionalGeneration (transformers >= 5.24; tower-output methods on the patch "
+    name = ("transformers Qwen3VLForConditionalGeneration (transformers >= 5.18; tower-output methods on the patch "
             "merger's tokens with deepstack features following them, in-LLM methods that keep M-RoPE positions)")

@@ -166,7 +166,7 @@ class QwenTowerSite:
             if self.windowed:
                 if not callable(getattr(self.visual, "permute_input_for_window_attn", None)):
                     raise ValueError("this transformers version's Qwen2.5-VL tower has no permute_input_for_window_"
-                                     "attn, which tokenreduce reads the window order from; use transformers >= 5.24")
+                                     "attn, which tokenreduce reads the window order from; use transformers >= 5.18")
                 patcher.set_attr(self.visual, "permute_input_for_window_attn",
                                  WindowIndexTap(self, patcher.original(self.visual, "permute_input_for_window_attn")))
 

@@ -16,6 +16,7 @@ encoder) declares one :class:`Modality` per input; each is encoded once and its 
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -23,6 +24,23 @@ import torch.nn as nn
 
 from ..patcher import Original, Replacement
 from .prompt import left_align, restore_prompt, shrink_image_runs
+
+
+#: The first transformers release whose ``generate`` takes pre-encoded ``mm_encoder_outputs``, which the shrinking
+#: forward hands the reduced features through (5.17 and older: "model_kwargs are not used by the model").
+MIN_TRANSFORMERS = (5, 18)
+
+
+def check_transformers(version: Optional[str] = None) -> None:
+    """Refuse a transformers older than :data:`MIN_TRANSFORMERS` (``version``: the installed one by default)."""
+    if version is None:
+        import transformers
+        version = transformers.__version__
+    parts = [int(p) for p in re.findall(r"\d+", version)[:2]]
+    if tuple(parts) < MIN_TRANSFORMERS:
+        need = ".".join(map(str, MIN_TRANSFORMERS))
+        raise ValueError(f"tokenreduce's VLM backbones need transformers >= {need} (pre-encoded mm_encoder_outputs "
+                         f"in generate); this is transformers {version}. Upgrade: pip install -U 'transformers>={need}'")
 
 
 def pad_token_id(config: Any) -> int:
