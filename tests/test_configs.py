@@ -124,3 +124,17 @@ def test_data_folders_ship_in_the_wheel(tmp_path):
     assert "tokenreduce._configs = configs" in mapping and "tokenreduce._checkpoints = checkpoints" in mapping
     assert (data_dir("configs") / "tome").is_dir()
     assert (data_dir("checkpoints") / "fmnist_vit_reference.safetensors").is_file()
+
+
+def test_every_subpackage_is_declared_for_the_wheel():
+    """setup.cfg lists the packages explicitly (two of them are mapped data folders): a subpackage missing from the
+    list would be missing from every non-editable install (``tokenreduce`` the command included)."""
+    import configparser
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    cfg = configparser.ConfigParser()
+    cfg.read(root / "setup.cfg")
+    declared = set(cfg["options"]["packages"].split())
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "tokenreduce").rglob("__init__.py")}
+    assert found - declared == set(), f"add to setup.cfg [options] packages: {sorted(found - declared)}"
+    assert declared - found == {"tokenreduce._configs", "tokenreduce._checkpoints"}
