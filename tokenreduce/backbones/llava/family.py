@@ -33,6 +33,7 @@ from ..layer_host import LayerHost
 from ..macs import linear_macs
 from ..patcher import Original, Patcher, Replacement
 from ..vlm.decoder import DECODER_NEEDS, DecoderSite
+from ..vlm.labels import PrunedLabels
 from ..vlm.shrink import Modality, PromptShrink, ShrinkingForward, VlmGenerate, check_transformers
 from ..vlm.tower import TOWER_NEEDS, TowerSite, feature_layer_index
 from .anyres import crop_grid, pack_reduced
@@ -136,36 +137,6 @@ class PromptBegin:
                 hit = (embeds == token).all(-1)
                 mask = hit if mask is None else mask | hit
             rec.image_mask = mask
-
-
-class PrunedLabels(Replacement):
-    """``forward`` of a model patched inside its language model: the logits cover only the kept tokens, so the loss
-    is computed from the kept tokens' labels (next-token targets within the kept sequence; image tokens and
-    synthesised tokens carry -100)."""
-
-    def __init__(self, adapter: "LlavaFamilyAdapter", original: Original) -> None:
-        self.adapter, self.original = adapter, original
-        self.signature = inspect.signature(type(adapter.model).forward)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        model = self.adapter.model
-        bound = self.signature.bind(model, *args, **kwargs)
-        a = dict(bound.arguments)
-        a.pop(next(iter(self.signature.parameters)))
-        var_kw = next((p.name for p in self.signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
-        extra = dict(a.pop(var_kw, {})) if var_kw else {}
-        labels = a.pop("labels", None)
-        if labels is None:
-            return self.original(*args, **kwargs)
-        return_dict = extra.pop("return_dict", None)
-        out = self.original(**a, **extra, return_dict=True)
-        rec = self.adapter.record
-        kept = self.adapter.decoder.final_kept(rec.decoder if rec is not None else None)
-        if kept is not None:
-            labels = labels.to(kept.device).gather(1, kept.clamp(min=0)).masked_fill(kept < 0, -100)
-        out.loss = model.loss_function(logits=out.logits, labels=labels,
-                                       vocab_size=model.config.text_config.vocab_size, **extra)
-        return out.to_tuple() if return_dict is False else out
 
 
 class ReducedPacking(Replacement):

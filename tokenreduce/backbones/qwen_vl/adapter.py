@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import inspect
 
 import torch
 import torch.nn as nn
@@ -34,6 +33,7 @@ from ..base import Adapter
 from ..macs import linear_macs
 from ..patcher import Original, Replacement
 from ..vlm.decoder import DECODER_NEEDS, DecoderSite
+from ..vlm.labels import PrunedLabels
 from ..vlm.shrink import PromptShrink, ShrinkingForward, VlmGenerate, check_transformers, pad_token_id
 from ..vlm.tower import MERGED_TOWER_NEEDS
 from .prompt import rope_deltas, shrink_prompt, surviving_slots, token_types
@@ -204,35 +204,6 @@ class DeepstackFollow(Replacement):
         index = p.kept.clamp(min=0)
         kept_masks = gather_tokens(masks, index) & (p.kept >= 0)
         return self.original(hidden_states, kept_masks, gather_tokens(full, index)[kept_masks])
-
-
-class PrunedLabels(Replacement):
-    """``forward`` of a model patched inside its language model: the logits cover only the tokens the last layer
-    kept, so the loss is computed from the kept tokens' labels (a token the method synthesised or padded carries
-    -100)."""
-
-    def __init__(self, adapter: "QwenVLAdapter", original: Original) -> None:
-        self.adapter, self.original = adapter, original
-        self.signature = inspect.signature(type(adapter.model).forward)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        model = self.adapter.model
-        a = dict(self.signature.bind(model, *args, **kwargs).arguments)
-        a.pop(next(iter(self.signature.parameters)))
-        var_kw = next((p.name for p in self.signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
-        extra = dict(a.pop(var_kw, {})) if var_kw else {}
-        labels = a.pop("labels", None)
-        if labels is None:
-            return self.original(*args, **kwargs)
-        return_dict = extra.pop("return_dict", None)
-        out = self.original(**a, **extra, return_dict=True)
-        rec = self.adapter.record
-        kept = self.adapter.decoder.final_kept(rec.decoder if rec is not None else None)
-        if kept is not None:
-            labels = labels.to(kept.device).gather(1, kept.clamp(min=0)).masked_fill(kept < 0, -100)
-        out.loss = model.loss_function(logits=out.logits, labels=labels,
-                                       vocab_size=model.config.text_config.vocab_size, **extra)
-        return out.to_tuple() if return_dict is False else out
 
 
 def llm_info(record: Any, lm: nn.Module) -> ReductionInfo:
