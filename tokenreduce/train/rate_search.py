@@ -31,7 +31,7 @@ from ..core import CostModel
 from ..methods.diffrate import KINDS, DiffRate, RateLogits, SearchRun
 from ..methods.diffrate.functional import rate_flops as _rate_flops
 from .objective import Objective, Progress
-from .trainer import TrainConfig, add_common_arguments, cosine, train
+from .trainer import TrainConfig, add_common_arguments, cosine, train, write_learned_yaml
 
 FLOPS_WEIGHT = 5.0  # upstream's lambda
 
@@ -189,13 +189,8 @@ class RateSearch(Objective):
 
 def export_rates(path: os.PathLike, counts: Dict[str, List[int]], achieved_gflops: float,
                  **meta: Any) -> Dict[str, Any]:
-    import yaml
-    doc = {**meta, "achieved_gflops": round(achieved_gflops, 6),
-           "prune_kept": list(counts["prune"]), "merge_kept": list(counts["merge"])}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(doc, sort_keys=False, default_flow_style=None))
-    return doc
+    return write_learned_yaml(path, {**meta, "achieved_gflops": round(achieved_gflops, 6),
+                                     "prune_kept": list(counts["prune"]), "merge_kept": list(counts["merge"])})
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from .. import api
 from ..methods.ltmp import KINDS, LTMP, TRAINING_INIT, MaskedRun, Thresholds
 from ..ops.ltmp import flops_ratio, kept_fractions
 from .objective import Objective, Progress
-from .trainer import TrainConfig, add_common_arguments, train
+from .trainer import TrainConfig, add_common_arguments, train, write_learned_yaml
 
 #: Upstream's defaults (tools/train.py and its README command).
 DEFAULTS = {"reduction_target": 0.75, "reg_scale": 10.0, "cls_scale": 1.0, "smoothing": 0.1, "lr_prune": 5e-6,
@@ -145,14 +145,9 @@ class ThresholdTraining(Objective):
 
     def export(self, path: os.PathLike, **meta: Any) -> Dict[str, Any]:
         """Write the thresholds as a YAML that ``patch(model, "ltmp", thresholds=path)`` loads."""
-        import yaml
         values = self.thresholds.values()
-        doc = {**meta, "reduction_target": self.reduction_target, "tau": self.ltmp.tau,
-               "prune_thresholds": values["prune"], "merge_thresholds": values["merge"]}
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(doc, sort_keys=False, default_flow_style=None))
-        return doc
+        return write_learned_yaml(path, {**meta, "reduction_target": self.reduction_target, "tau": self.ltmp.tau,
+                                         "prune_thresholds": values["prune"], "merge_thresholds": values["merge"]})
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -285,6 +286,16 @@ def add_common_arguments(p: argparse.ArgumentParser, defaults: TrainConfig) -> a
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
+
+
+def write_learned_yaml(path: os.PathLike, doc: Dict[str, Any]) -> Dict[str, Any]:
+    """Write what a run learned (rates, thresholds) as the YAML ``patch(model, method, ...=path)`` loads, keys in
+    the order given and lists on one line; returns ``doc``."""
+    import yaml
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False, default_flow_style=None))
+    return doc
 
 
 def cosine(step: int, total: int, high: float, low: float) -> float:
