@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 
 import tokenreduce
+from tokenreduce.cli.common import parse_run
 
 PAPER_METHODS = [
     "visionzip:dominant=54,contextual=10", "visionzip:dominant=108,contextual=20",
@@ -44,23 +45,6 @@ GEOMETRIES: Dict[str, Dict[str, Any]] = {
                          text=dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                                    num_attention_heads=32, num_key_value_heads=32)),
 }
-
-
-def parse_method(spec: str) -> Tuple[str, Dict[str, Any]]:
-    """``"name:k=v,k=v"`` -> ``(name, {k: v})`` with ints, floats, bools and None parsed."""
-    name, _, rest = spec.partition(":")
-    params: Dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
-        key, _, value = item.partition("=")
-        for cast in (int, float):
-            try:
-                params[key] = cast(value)
-                break
-            except ValueError:
-                continue
-        else:
-            params[key] = {"True": True, "False": False, "None": None}.get(value, value)
-    return name, params
 
 
 def build_model(args) -> torch.nn.Module:
@@ -121,7 +105,7 @@ def timed(fn, device: str, repeats: int, clock: str = "wall") -> Tuple[float, An
 
 
 def run(model, inputs, spec: str, args) -> Dict[str, Any]:
-    name, params = parse_method(spec) if spec != "unpatched" else ("unpatched", {})
+    name, params = parse_run(spec) if spec != "unpatched" else ("unpatched", {})
     if name != "unpatched":
         tokenreduce.patch(model, name, **params)
     try:

@@ -41,6 +41,7 @@ from typing import Any, Callable, Dict, List, Tuple
 import torch
 
 import tokenreduce
+from tokenreduce.cli.common import parse_run
 
 #: The papers' budgets on a 768-token image: 192 / 128 / 64 visual tokens (LLaVA-1.5's three settings as counts;
 #: VisionZip's dominant:contextual split 54:10 scaled), DART's "128" / "192", FastV K=2.
@@ -244,23 +245,6 @@ DEFAULT_METHODS: Dict[str, List[str]] = {"llava-next": NEXT_METHODS, "llava-onev
 DEFAULT_IMAGES: Dict[str, str] = {"llava-next": "672x672", "llava-onevision": "768x768"}
 
 
-def parse_method(spec: str) -> Tuple[str, Dict[str, Any]]:
-    """``"name:k=v,k=v"`` -> ``(name, {k: v})`` with ints, floats, bools and None parsed."""
-    name, _, rest = spec.partition(":")
-    params: Dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
-        key, _, value = item.partition("=")
-        for cast in (int, float):
-            try:
-                params[key] = cast(value)
-                break
-            except ValueError:
-                continue
-        else:
-            params[key] = {"True": True, "False": False, "None": None}.get(value, value)
-    return name, params
-
-
 def build(args) -> Tuple[torch.nn.Module, Dict[str, torch.Tensor]]:
     make_config, make_inputs = BACKBONES[args.backbone]
     cfg, cls = make_config(args.width)
@@ -327,7 +311,7 @@ def _rss_mib() -> float:
 
 
 def measure(model, inputs, spec: str, args) -> Dict[str, Any]:
-    name, params = parse_method(spec) if spec != "unpatched" else ("unpatched", {})
+    name, params = parse_run(spec) if spec != "unpatched" else ("unpatched", {})
     if name != "unpatched":
         tokenreduce.patch(model, name, **params)
     n = args.new_tokens
