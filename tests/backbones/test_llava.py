@@ -418,3 +418,29 @@ def test_clip_with_projection_and_pitome_on_llava(batch):
     assert tokenreduce.info(llava).tokens_per_layer[-1] < 65
     assert torch.equal(alone_new, new[1:2])
     torch.testing.assert_close(alone_logits, logits[1:2], atol=1e-6, rtol=1e-6)
+
+
+#: The ViT methods that run inside LLaVA-1.5's CLIP tower (the README's table), at settings that act on a 3-layer tower
+TOWER_VIT_METHODS = [
+    ("pitome", dict(keep_ratio=0.8)), ("atc", dict(r=4)), ("tofu", dict(r=4)), ("zero_tprune", dict(keep_ratio=0.7, layers=[1])),
+    ("kmedoids", dict(keep_ratio=0.7, layers=[1])), ("dpc_knn", dict(keep_ratio=0.7, layers=[1])),
+    ("l2norm", dict(keep_ratio=0.7, layers=[1])), ("evit", dict(keep_ratio=0.7, layers=[1])), ("ppt", dict(r=4)),
+    ("topk_attn", dict(keep_ratio=0.7, layers=[1])),
+]
+
+
+@pytest.mark.parametrize("patched", TOWER_VIT_METHODS, ids=[m for m, _ in TOWER_VIT_METHODS], indirect=True)
+def test_vit_methods_in_the_clip_tower_batched_equal_alone(patched, batch):
+    """Each sample of a left-padded batch of different-length prompts gets what it gets alone, and the language
+    model sees the tower's reduced count of image tokens."""
+    rows, ids, mask, pv = batch
+    new, logits = greedy(patched, ids, mask, pv)
+    with torch.no_grad():
+        feats = patched.model.get_image_features(pixel_values=pv[:1], vision_feature_layer=-2,
+                                                 vision_feature_select_strategy="default").pooler_output
+    reduced = feats[0].shape[0]
+    assert reduced < 64, reduced
+    for i, row in enumerate(rows):
+        alone_new, alone_logits = greedy(patched, row[None], torch.ones(1, len(row), dtype=torch.long), pv[i:i + 1])
+        assert torch.equal(alone_new, new[i:i + 1])
+        torch.testing.assert_close(alone_logits, logits[i:i + 1], atol=1e-6, rtol=1e-6)
