@@ -17,7 +17,7 @@ for one, applying its result to the :class:`~tokenreduce.core.ForwardRecord`, an
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn

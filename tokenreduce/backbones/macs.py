@@ -8,7 +8,7 @@ the same number as "FLOPs"; ``tokenreduce.info(model).macs`` names it honestly.
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Sequence
 
 import torch.nn as nn
 

@@ -5,7 +5,7 @@ the built-in ones when imported.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Type
+from typing import Any, Dict, List
 
 from .params import Param, boolean, resolve
 from .requirements import NEEDS, need_names

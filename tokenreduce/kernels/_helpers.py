@@ -2,6 +2,20 @@
 import triton
 import triton.language as tl
 
+#: Autotuning tiles of the kernels that stream ``BLOCK_N`` rows past ``BLOCK_M`` resident ones (matching, energy)
+TILE_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [
+        (32, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3),
+        (128, 64, 8, 3), (128, 128, 8, 3), (32, 128, 4, 3), (16, 64, 2, 2),
+    ]
+]
+#: fp32 operands (IEEE products on CUDA cores) take twice the registers: smaller tiles, 32-wide feature chunks
+TILE_CONFIGS_FP32 = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [(32, 64, 4, 2), (64, 32, 4, 2), (16, 64, 2, 2), (64, 64, 8, 2)]
+]
+
 
 @triton.jit
 def round_to(x, DTYPE: tl.constexpr):

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ._common import batch_key, device_guard, dot_block, dot_precision, interpreting, upcast_dot_operands
-from ._helpers import round_to, row_sq_norms, tile_dots
+from ._helpers import TILE_CONFIGS, TILE_CONFIGS_FP32, round_to, row_sq_norms, tile_dots
 
 
 @triton.jit
@@ -75,18 +75,7 @@ def _energy_kernel(
     tl.store(out_ptr + pid_b * stride_ob + rows, energy.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
-_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [
-        (32, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3),
-        (128, 64, 8, 3), (128, 128, 8, 3), (32, 128, 4, 3), (16, 64, 2, 2),
-    ]
-]
-# fp32 operands (IEEE products on CUDA cores) take twice the registers: smaller tiles, 32-wide feature chunks
-_CONFIGS_FP32 = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(32, 64, 4, 2), (64, 32, 4, 2), (16, 64, 2, 2), (64, 64, 8, 2)]
-]
+_CONFIGS, _CONFIGS_FP32 = TILE_CONFIGS, TILE_CONFIGS_FP32  # (the compile check reads them here)
 _tuned = triton.autotune(configs=_CONFIGS, key=["N_KEY", "B_KEY", "D"])(_energy_kernel)
 _tuned_fp32 = triton.autotune(configs=_CONFIGS_FP32, key=["N_KEY", "B_KEY", "D"])(_energy_kernel)
 

@@ -20,7 +20,6 @@ The clustering runs batched on the model's device (``ops.clustering``), with sci
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, List, Optional
 
 import torch

@@ -22,7 +22,7 @@ from typing import Any, List, Optional, Sequence
 import torch
 
 from ..core import Geometry, Need, Param, ReductionMethod, Site, TokenState, register_method
-from ..core.params import either, fraction, is_real, layer_list, real
+from ..core.params import either, is_real, layer_list, real
 from ..ops.llm_tokens import last_real_index, top_indices
 from .llm_select import assemble_state, keep_rows
 

@@ -17,12 +17,12 @@ against the default input size and again at run time against the tokens actually
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 from ..core import Geometry, Param, ReductionMethod, Site, TokenState
-from ..core.params import fraction, integer, is_int
+from ..core.params import fraction, is_int
 from ..ops.pruning import KeepSpec, keep_count, search_keep_ratio, tokens_per_block
 from .state_ops import select_state
 

@@ -33,7 +33,7 @@ install() {
   step "installing lmms-eval 0.7.3"
   "$PY" -m pip install -q "lmms-eval==0.7.3" "filelock<4" "transformers>=5.18" decord pytest pyarrow
   step "installing tokenreduce (editable, with its lmms_eval.models entry point)"
-  "$PY" -m pip install -q -e .
+  "$PY" -m pip install -q -e ".[plot]"  # (plot: eval-vlm draws its figure)
 }
 
 if [ ! -f "$STAMP" ] || [ setup.cfg -nt "$STAMP" ] || [ "$0" -nt "$STAMP" ]; then

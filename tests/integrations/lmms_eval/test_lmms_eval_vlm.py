@@ -50,7 +50,7 @@ def test_help_shows_defaults(capsys):
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--suite", "nope"], "unknown suite 'nope'; suites: llava15, llava_next, smoke"),
+    (["--suite", "nope"], "unknown suite 'nope'; suites: llava15, llava_next, llava_onevision, smoke"),
     (["--budgets", "7"], "suite 'smoke' has no budget 7"),
     (["--methods", "tomato"], "suite 'smoke' has no method tomato"),
     (["--limit", "0"], "argument --limit: must be >= 1"),

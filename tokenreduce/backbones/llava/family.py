@@ -27,14 +27,14 @@ import torch.nn as nn
 
 from ...core import Geometry, Need, ReductionInfo, ReductionMethod, Site, Status
 from ...core.requirements import VISION_BLOCK_NEEDS
-from ..base import Adapter
 from ..hf_clip import HFEncoderFamily, check_additive_mask, check_encoder_layers, tower_cost
 from ..layer_host import LayerHost
 from ..macs import linear_macs
 from ..patcher import Original, Patcher, Replacement
 from ..vlm.decoder import DECODER_NEEDS, DecoderSite
+from ..vlm.adapter import VlmAdapter
 from ..vlm.labels import PrunedLabels
-from ..vlm.shrink import Modality, PromptShrink, ShrinkingForward, VlmGenerate, check_transformers
+from ..vlm.shrink import Modality, PromptShrink, ShrinkingForward, VlmGenerate
 from ..vlm.tower import TOWER_NEEDS, TowerSite, feature_layer_index
 from .anyres import crop_grid, pack_reduced
 
@@ -175,14 +175,12 @@ class ReducedPacking(Replacement):
 # ---------------------------------------------------------------------------------------------------------------
 # The shared adapter
 # ---------------------------------------------------------------------------------------------------------------
-class LlavaFamilyAdapter(Adapter):
+class LlavaFamilyAdapter(VlmAdapter):
     """Base of the LLaVA-family adapters. A subclass sets ``name`` and ``model_class`` and overrides the hooks below
     where its model differs from LLaVA-1.5 (one image, one tower row per image, features scattered as they are)."""
 
     provides = {Site.BLOCK_MID: VISION_BLOCK_NEEDS, Site.BLOCK_OUT: VISION_BLOCK_NEEDS, Site.TOWER_OUT: TOWER_NEEDS,
                 Site.LLM_LAYER: DECODER_NEEDS}
-    #: the ``...ForConditionalGeneration`` class this adapter claims (exactly, not subclasses)
-    model_class: ClassVar[Optional[type]] = None
     #: per visual input: the inner model's method that encodes it (the window the tower site acts in)
     feature_functions: ClassVar[Dict[str, str]] = {"image": "get_image_features"}
     #: the ``forward`` / ``generate`` arguments the image encoder takes
@@ -191,14 +189,6 @@ class LlavaFamilyAdapter(Adapter):
     #: whether a reduced input may need more placeholder tokens than the processor wrote (anyres rows kept whole
     #: where the processor counts the unpadded grid): the prompt's runs then also lengthen
     grow_runs: ClassVar[bool] = False
-
-    @classmethod
-    def claims(cls, model: nn.Module) -> bool:
-        return cls.model_class is not None and type(model) is cls.model_class
-
-    @classmethod
-    def check_model(cls, model: nn.Module) -> None:
-        check_transformers()
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

@@ -29,12 +29,12 @@ from ...core import Geometry, ReductionInfo, ReductionMethod, Site, Status
 from ...core.registry import register_adapter
 from ...core.requirements import VISION_BLOCK_NEEDS
 from ...ops.merge import gather_tokens
-from ..base import Adapter
 from ..macs import linear_macs
 from ..patcher import Original, Replacement
 from ..vlm.decoder import DECODER_NEEDS, DecoderSite
+from ..vlm.adapter import VlmAdapter
 from ..vlm.labels import PrunedLabels
-from ..vlm.shrink import PromptShrink, ShrinkingForward, VlmGenerate, check_transformers, pad_token_id
+from ..vlm.shrink import PromptShrink, ShrinkingForward, VlmGenerate, pad_token_id
 from ..vlm.tower import MERGED_TOWER_NEEDS
 from .prompt import rope_deltas, shrink_prompt, surviving_slots, token_types
 from .tower import QwenTowerSite
@@ -230,7 +230,7 @@ def llm_info(record: Any, lm: nn.Module) -> ReductionInfo:
 # ---------------------------------------------------------------------------------------------------------------
 # The adapter
 # ---------------------------------------------------------------------------------------------------------------
-class QwenVLAdapter(Adapter):
+class QwenVLAdapter(VlmAdapter):
     """The shared adapter of Qwen2.5-VL and Qwen3-VL (the registered subclasses name the model class)."""
 
     model_class: Any = None
@@ -239,14 +239,6 @@ class QwenVLAdapter(Adapter):
                 # offered only to refuse them with the reason (see geometry)
                 Site.BLOCK_IN: VISION_BLOCK_NEEDS, Site.BLOCK_MID: VISION_BLOCK_NEEDS,
                 Site.BLOCK_OUT: VISION_BLOCK_NEEDS}
-
-    @classmethod
-    def claims(cls, model: nn.Module) -> bool:
-        return cls.model_class is not None and type(model) is cls.model_class
-
-    @classmethod
-    def check_model(cls, model: nn.Module) -> None:
-        check_transformers()
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tup
 import torch
 import torch.nn as nn
 
-from ...core import ATTENTION_NEEDS, Need, ReductionMethod, Status, TokenState, run_reduce
+from ...core import ATTENTION_NEEDS, Need, ReductionMethod, TokenState, run_reduce
 from ...ops.merge import gather_tokens
 from ...ops.rope import rotate_half
 from ..macs import linear_macs

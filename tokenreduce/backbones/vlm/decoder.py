@@ -32,12 +32,12 @@ from __future__ import annotations
 import inspect
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from ...core import ForwardRecord, Need, ReductionMethod, Site, Status, TokenState, run_reduce
+from ...core import ForwardRecord, Need, ReductionMethod, Status, TokenState, run_reduce
 from ...ops.masks import causal_padding_mask, positions_from_valid
 from ...ops.merge import gather_tokens
 from ...ops.rope import apply_rope

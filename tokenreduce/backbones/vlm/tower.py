@@ -25,7 +25,7 @@ import torch.nn as nn
 from ...core import ATTENTION_NEEDS, Need, ReductionMethod, Status, TokenState, run_reduce
 from ...ops.merged_attention import group_mean, merged_attention_rows
 from ..layer_host import LayerFamily, analysis, apply_result
-from ..patcher import Original, Patcher
+from ..patcher import Patcher
 
 #: What a tower site can hand a method.
 TOWER_NEEDS = frozenset({Need.KEYS, Need.KEYS_PER_HEAD, Need.VALUES_PER_HEAD, Need.CLS_ATTN, Need.CLS_ATTN_PER_HEAD,
