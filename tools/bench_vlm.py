@@ -370,13 +370,16 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prefix", type=int, default=35, help="text tokens before the image")
     ap.add_argument("--suffix", type=int, default=40, help="text tokens after the image")
-    ap.add_argument("--new-tokens", type=int, default=17)
+    ap.add_argument("--new-tokens", type=int, default=17, help="tokens per generate (>= 2: decode speed is timed "
+                                                               "between the first and the last)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--clock", default="wall", choices=["wall", "cpu"])
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one method, print JSON (a fresh process)
     ap.add_argument("--out", help="also write the table (with the settings) to this markdown file")
     args = ap.parse_args(argv)
+    if args.new_tokens < 2:
+        ap.error("--new-tokens must be >= 2 (the decode speed is timed from the first new token to the last)")
     if args.methods is None:
         args.methods = DEFAULT_METHODS.get(args.backbone, PAPER_METHODS)
     if args.image is None:
