@@ -59,6 +59,18 @@ def prompts(num_image_tokens: int = 64, seed: int = 0,
     return rows
 
 
+def pad(rows: Sequence[torch.Tensor], side: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of the rows padded with PAD on ``side`` ("left" or "right")."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[i, sl] = r
+        mask[i, sl] = 1
+    return ids, mask
+
+
 def left_pad(rows: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask)`` of the rows, left-padded with PAD."""
     width = max(len(r) for r in rows)

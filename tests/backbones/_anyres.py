@@ -14,7 +14,9 @@ import transformers  # noqa: F401  (a dev dependency: missing, these tests must 
 import tokenreduce
 from tokenreduce.backbones.llava.anyres import full_image_tokens, reduced_image_tokens, reduced_video_tokens
 
-PAD, VOCAB = 0, 64
+from ..llava_helpers import PAD, pad  # noqa: F401  (pad: re-exported for the anyres tests)
+
+VOCAB = 64
 NEXT_IMAGE = 63
 OV_IMAGE, OV_VIDEO = 62, 63
 SIDE, PATCH = 56, 7  # 8 x 8 = 64 patches per tower row
@@ -202,17 +204,6 @@ def batch_pixels(parts: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     return out
 
 
-def pad(rows: Sequence[torch.Tensor], side: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), PAD)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        sl = slice(width - len(r), width) if side == "left" else slice(0, len(r))
-        ids[i, sl] = r
-        mask[i, sl] = 1
-    return ids, mask
-
-
 def greedy(model, ids, mask, visual: Dict[str, Any], max_new_tokens: int = 4):
     """``(new tokens [B, T], logits [B, T, V])`` of greedy generation with a KV cache."""
     with torch.no_grad():
@@ -331,3 +322,18 @@ def tokens_per_row(model, method: str, params: Dict[str, Any], size: Tuple[int, 
     per_row = feats.shape[0] // rows
     assert per_row < PATCHES, (method, per_row)
     return per_row
+
+
+def check_keeping_every_patch_is_unpatched(model, method: str, samples: Sequence[Sample]) -> None:
+    """``method`` keeping every patch of every tower row, in order, gives the unpatched model's logits: the model's
+    own packing (unpadding, newlines) applies unchanged."""
+    ids, mask = pad([prompt_ids(model, s) for s in samples], "left")
+    visual = batch_pixels([pixels(model, s) for s in samples])
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, **visual).logits
+        tokenreduce.patch(model, method, keep=PATCHES)
+        try:
+            got = model(input_ids=ids, attention_mask=mask, **visual).logits
+        finally:
+            tokenreduce.unpatch(model)
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-12)

@@ -8,8 +8,9 @@ import torch
 import tokenreduce
 from tokenreduce.backbones.llava.anyres import crop_grid, crop_order, reduced_image_tokens
 
-from ._anyres import (NEXT_PINPOINTS, PATCHES, SIDE, Sample, check_batch_equals_alone, full_tokens, pad, pixels,
-                      prompt_ids, tiny_clip_dir, tiny_next, tokens_per_row, VIT_CLS_METHODS, VIT_METHODS)
+from ._anyres import (NEXT_PINPOINTS, PATCHES, SIDE, VIT_CLS_METHODS, VIT_METHODS, Sample, check_batch_equals_alone,
+                      check_keeping_every_patch_is_unpatched, full_tokens, pad, pixels, prompt_ids, tiny_clip_dir,
+                      tiny_next, tokens_per_row)
 
 #: a 1x2-crop image, a 2x2-crop image of another aspect, and a prompt with two images (2x2 and 1x2 crops)
 SAMPLES = [Sample([(50, 100)], text=(3, 4)), Sample([(90, 60)], text=(6, 2), seed=1),
@@ -191,17 +192,7 @@ def test_cdpruner_per_image_instructions_reach_every_crop(model, clip_dir):
 # no-op budgets, refusals
 @pytest.mark.parametrize("method", ["pool", "random"])
 def test_keeping_every_patch_is_the_unpatched_model(model, method):
-    """Every patch of every row kept in order: the model's own packing (unpadding, newlines) applies unchanged."""
-    rows = [prompt_ids(model, s) for s in SAMPLES]
-    ids, mask = pad(rows, "left")
-    from ._anyres import batch_pixels
-    visual = batch_pixels([pixels(model, s) for s in SAMPLES])
-    with torch.no_grad():
-        ref = model(input_ids=ids, attention_mask=mask, **visual).logits
-        tokenreduce.patch(model, method, keep=PATCHES)
-        got = model(input_ids=ids, attention_mask=mask, **visual).logits
-    tokenreduce.unpatch(model)
-    torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-12)
+    check_keeping_every_patch_is_unpatched(model, method, SAMPLES)
 
 
 @pytest.mark.parametrize("method,params,match", [

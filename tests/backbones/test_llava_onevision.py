@@ -9,9 +9,9 @@ import torch
 import tokenreduce
 from tokenreduce.backbones.llava.anyres import reduced_image_tokens, reduced_video_tokens
 
-from ._anyres import (OV_IMAGE, OV_PINPOINTS, OV_VIDEO, PATCHES, SIDE, Sample, batch_pixels,
-                      check_batch_equals_alone, full_tokens, full_video_tokens, pad, pixels, prompt_ids,
-                      tiny_clip_dir, tiny_onevision, tokens_per_row, VIT_CLS_METHODS, VIT_METHODS)
+from ._anyres import (OV_IMAGE, OV_PINPOINTS, OV_VIDEO, PATCHES, SIDE, VIT_CLS_METHODS, VIT_METHODS, Sample,
+                      check_batch_equals_alone, check_keeping_every_patch_is_unpatched, full_tokens, full_video_tokens,
+                      pixels, tiny_clip_dir, tiny_onevision, tokens_per_row)
 
 #: one image with 1x2 crops; one with 3x3 crops interpolated down (anyres_max_4); a two-image prompt (one row per
 #: image); a video; an image and a video in one prompt
@@ -176,15 +176,7 @@ def test_video_frames_keep_their_budget_without_the_pooling(model):
 # no-op budgets, refusals
 @pytest.mark.parametrize("method", ["pool", "random"])
 def test_keeping_every_patch_is_the_unpatched_model(model, method):
-    rows = [prompt_ids(model, s) for s in SAMPLES]
-    ids, mask = pad(rows, "left")
-    visual = batch_pixels([pixels(model, s) for s in SAMPLES])
-    with torch.no_grad():
-        ref = model(input_ids=ids, attention_mask=mask, **visual).logits
-        tokenreduce.patch(model, method, keep=PATCHES)
-        got = model(input_ids=ids, attention_mask=mask, **visual).logits
-    tokenreduce.unpatch(model)
-    torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-12)
+    check_keeping_every_patch_is_unpatched(model, method, SAMPLES)
 
 
 @pytest.mark.parametrize("method,params,match", [

@@ -5,7 +5,7 @@ budget that keeps every patch is the unpatched model; and hand-built token state
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -13,22 +13,11 @@ import tokenreduce
 from tokenreduce.backbones.layer_host import AttentionRows, attention_probs
 from tokenreduce.core import Geometry, TokenState
 
-from ..llava_helpers import PAD, greedy, pixels, prompts, tiny_llava
+from ..llava_helpers import greedy, pad, pixels, prompts, tiny_llava
 
 #: The tiny LLaVA of tests/llava_helpers.py: 8 x 8 = 64 patches of width 32 (CLS first), a 32-wide LLM.
 PATCHES, GRID, WIDTH = 64, (8, 8), 32
 LENGTHS = ((3, 5), (6, 2), (4, 9))
-
-
-def pad(rows: Sequence[torch.Tensor], side: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), PAD)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        sl = slice(width - len(r), width) if side == "left" else slice(0, len(r))
-        ids[i, sl] = r
-        mask[i, sl] = 1
-    return ids, mask
 
 
 def _context(model, instructions: Optional[List[Any]]):
