@@ -73,13 +73,7 @@ def pad(rows: Sequence[torch.Tensor], side: str) -> Tuple[torch.Tensor, torch.Te
 
 def left_pad(rows: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask)`` of the rows, left-padded with PAD."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), PAD)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
-    return ids, mask
+    return pad(rows, "left")
 
 
 def pixels(batch: int = 3, image_size: int = 56, seed: int = 1) -> torch.Tensor:
