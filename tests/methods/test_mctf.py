@@ -8,7 +8,8 @@ import torch
 import tokenreduce
 from tokenreduce.methods.mctf import MCTF
 from tokenreduce.core import Geometry, Site, TokenState
-from tokenreduce.ops.mctf import bidirectional_assign, criteria_scores, mctf_r, merge_attention, split_positions
+from tokenreduce.ops.mctf import (bidirectional_assign, criteria_scores, mctf_r, merge_attention,
+                                  merged_attention_output, split_positions)
 
 from ..conftest import build_fixture_model, fixture_cases, load_case, run_forward_fixture, tiny_vit
 from ._token_reference import Clip, Timm, mctf_reference
@@ -68,6 +69,20 @@ def test_merged_attention_keeps_rows_stochastic():
     torch.testing.assert_close(merged.sum(-1), torch.ones(2, 3, m, dtype=torch.float64))
     merged_max = merge_attention(attn, assign, m, None)
     assert (merged_max.sum(-1) >= merged.sum(-1) - 1e-12).all()  # a row-wise maximum dominates any weighted mean
+
+
+def test_factored_output_is_the_merged_map_times_v():
+    """``attn @ v[assign]`` then pooled rows is the merged map times the merged values, without building the map."""
+    g = torch.Generator().manual_seed(2)
+    attn = torch.randn(2, 3, 11, 11, generator=g, dtype=torch.float64).softmax(-1)
+    x = torch.randn(2, 11, 8, generator=g, dtype=torch.float64)
+    received, size = attn.mean(dim=(1, 2)), torch.rand(2, 11, generator=g, dtype=torch.float64) + 1
+    a_pos, b_pos = split_positions(11, 1)
+    assign, m = bidirectional_assign(criteria_scores(x, received, size, a_pos, b_pos, 1, 20, 40), 4, a_pos, b_pos, 11, 1)
+    weight = received * size
+    v = torch.randn(2, 3, m, 5, generator=g, dtype=torch.float64)
+    expected = merge_attention(attn, assign, m, weight) @ v
+    torch.testing.assert_close(merged_attention_output(attn, assign, weight, v), expected, atol=1e-14, rtol=1e-14)
 
 
 def test_criteria_drop_at_zero_temperature():
@@ -262,6 +277,28 @@ def test_invalid_parameters_are_refused(params, message):
     assert not tokenreduce.is_patched(model)
 
 
+def test_eager_attention_path_matches_fused_and_counts_its_logits():
+    """A block whose attention computes its own logits (timm's non-fused path) gets the merged map as its softmax:
+    the same outputs as the fused path, which runs no ``q·kᵀ`` on the merged tokens and counts ``P·V`` over the
+    unmerged keys instead (``CostModel``: ``attn_quadratic / 2 · N²`` in place of ``attn_quadratic · M²``)."""
+    fused, x = _timm(), _images()
+    eager = copy.deepcopy(fused)
+    for blk in eager.blocks:
+        blk.attn.fused_attn = False
+    for model in (fused, eager):
+        tokenreduce.patch(model, "mctf", r=6)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), eager(x), atol=1e-12, rtol=1e-12)
+    info_fused, info_eager = tokenreduce.info(fused), tokenreduce.info(eager)
+    assert info_fused.tokens_per_layer == info_eager.tokens_per_layer
+    cost = tokenreduce.api._adapter_of(fused).host.cost(0.0)
+    rec = tokenreduce.api._adapter_of(fused).record
+    extra = sum(cost.attn_quadratic[l.layer] * (l.tokens_in ** 2 - 0.5 * l.tokens_preview ** 2)
+                for l in rec.layers if l.tokens_preview)
+    assert extra > 0 and all(l.pv_tokens == l.tokens_preview for l in rec.layers)
+    assert info_eager.macs - info_fused.macs == pytest.approx(extra, abs=1)
+
+
 def test_training_backward_flows_through_merged_attention():
     model = tiny_vit().train()
     tokenreduce.patch(model, "mctf", r=8)
@@ -281,7 +318,7 @@ def test_reduce_compiles_fullgraph(mode):
 
     def run(x, attn):
         out = method.reduce(TokenState(x=x, size=torch.ones(2, 65), num_prefix=1, layer=1, attn=attn))
-        return out.x, out.size, out.carry.probs if mode == 1 else out.size
+        return out.x, out.size, out.carry.probs.dense() if mode == 1 else out.size
 
     eager = run(x, attn)
     compiled = torch.compile(run, fullgraph=True, backend="eager")(x, attn)

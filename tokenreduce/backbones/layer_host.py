@@ -17,15 +17,15 @@ for one, applying its result to the :class:`~tokenreduce.core.ForwardRecord`, an
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, FrozenSet, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from ..core import (ATTENTION_NEEDS, CostModel, ForwardRecord, Need, ReductionMethod, Site, Status, TokenState,
-                    run_reduce)
+from ..core import (ATTENTION_NEEDS, AttentionMap, CostModel, DenseMap, ForwardRecord, Need, ReductionMethod, Site,
+                    Status, TokenState, run_reduce)
 from .macs import layer_cost
 from .patcher import Patcher
 
@@ -192,25 +192,44 @@ def analysis(needs: FrozenSet[str], q: Optional[torch.Tensor], k: Optional[torch
 
 
 class ReplaceSoftmax(TorchFunctionMode):
-    """Inside one call of a layer's attention, compute the probabilities with a method's function instead of
-    softmax: SDPA is evaluated eagerly as ``probs_fn(scale·q·kᵀ + mask) @ v`` (dropout kept), and an eager path's
-    softmax is replaced. Used only where a method declared ``Need.ATTENTION_PROBS`` and returned a function."""
+    """Inside one call of a layer's attention, use a method's probabilities instead of softmax.
+
+    ``probs`` is a function of the logits, or the probabilities themselves (a tensor or an
+    :class:`~tokenreduce.core.AttentionMap`; see ``ReductionMethod.attention_probs``). SDPA is evaluated eagerly:
+    as ``probs(scale·q·kᵀ + mask) @ v``, or as ``map.apply(v)`` with no ``q·kᵀ`` when the probabilities are given
+    (``report[0]`` then records the keys of that product, for the layer's MACs; a list the caller keeps, because
+    torch.compile does not let a mode's own attributes out of the ``with``). An eager path's softmax is replaced
+    (its logits are the model's own, already computed); dropout is kept."""
 
     _SOFTMAX = (torch.Tensor.softmax, torch.softmax, F.softmax)
 
-    def __init__(self, probs_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(self, probs: Union[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, AttentionMap],
+                 report: Optional[List[int]] = None) -> None:
         super().__init__()
-        self.probs_fn = probs_fn
+        self.probs = DenseMap(probs) if isinstance(probs, torch.Tensor) else probs
+        self.report = [0] if report is None else report
+
+    def _probs_of(self, logits: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.probs, AttentionMap):
+            return self.probs.dense().to(logits.dtype)
+        return self.probs(logits)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             return self._sdpa(*args, **kwargs)
         if func in self._SOFTMAX and kwargs.get("dim", args[1] if len(args) > 1 else None) in (-1, args[0].dim() - 1):
-            return self.probs_fn(args[0])
+            return self._probs_of(args[0])
         return func(*args, **kwargs)
 
     def _sdpa(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **unused):
+        if isinstance(self.probs, AttentionMap):
+            if dropout_p > 0:
+                probs = F.dropout(self.probs.dense().to(v.dtype), dropout_p)
+                self.report[0] = probs.shape[-1]
+                return probs @ v
+            self.report[0] = self.probs.pv_tokens
+            return self.probs.apply(v)
         logits = (q * (q.shape[-1] ** -0.5 if scale is None else scale)) @ k.transpose(-2, -1)
         if is_causal:
             n, m = logits.shape[-2:]
@@ -218,7 +237,7 @@ class ReplaceSoftmax(TorchFunctionMode):
         if attn_mask is not None:
             logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
                 else logits + attn_mask
-        probs = self.probs_fn(logits)
+        probs = self.probs(logits)
         if dropout_p > 0:
             probs = F.dropout(probs, dropout_p)
         return probs @ v
@@ -338,13 +357,14 @@ class LayerHost:
             x = self._preview_and_reduce(rec, i, x, user_mask, kwargs)
         mask = attention_mask(rec.size, rec.valid, method.prop_attn, user_mask, x.shape[1], x.dtype)
         h = family.norm1(layer)(x)
-        probs_fn = None
+        probs = None
         if acts and Need.ATTENTION_PROBS in self._needs(i):
-            probs_fn = method.attention_probs(self._state(rec, i, x, {}))
-        if probs_fn is None:
+            probs = method.attention_probs(self._state(rec, i, x, {}))
+        pv_report = [0]  # the keys of a given P·V, when the layer took given probabilities on its SDPA path
+        if probs is None:
             h = family.attend(layer, h, mask, kwargs)
         else:
-            with ReplaceSoftmax(probs_fn):
+            with ReplaceSoftmax(probs, pv_report):
                 h = family.attend(layer, h, mask, kwargs)
         x = x + family.residual_attn(layer, h)
         if acts and self.site == Site.BLOCK_MID:
@@ -354,7 +374,8 @@ class LayerHost:
         if acts and self.site == Site.BLOCK_OUT:
             x = self._reduce(rec, i, x, mask)
         previewed = acts and self.site == Site.BLOCK_IN and bool(self.preview_taps[bool(layer.training)][i])
-        rec.finish_layer(i, n_in if self.site != Site.BLOCK_IN else n_mid, n_mid, x, n_in if previewed else 0)
+        rec.finish_layer(i, n_in if self.site != Site.BLOCK_IN else n_mid, n_mid, x, n_in if previewed else 0,
+                         pv_report[0])
         return x
 
     def _needs(self, i: int) -> FrozenSet[str]:

@@ -4,9 +4,11 @@
 - :class:`ForwardRecord` — the per-forward record every adapter keeps;
 - :class:`Site`, :class:`Need` — where a method acts and what it reads;
 - :class:`Geometry` — what a method knows of the model; :class:`Param` and the shared validators;
-- :class:`ReductionMethod` — the base of every method; the method and adapter registries.
+- :class:`ReductionMethod` — the base of every method; the method and adapter registries;
+- :class:`AttentionMap` — probabilities a method gives a layer in place of its softmax.
 """
 from . import params
+from .attention_map import AttentionMap, DenseMap
 from .geometry import CostModel, Geometry
 from .method import ReductionMethod, all_needs, candidate_sites, run_begin, run_reduce
 from .params import Param
@@ -16,7 +18,7 @@ from .registry import (COMMON_PARAMS, adapters, get_method, list_methods, method
 from .requirements import ATTENTION_NEEDS, NEEDS, Need, Site
 from .state import ReductionInfo, TokenState
 
-__all__ = ["ATTENTION_NEEDS", "COMMON_PARAMS", "CostModel", "ForwardRecord", "Geometry", "LayerRecord", "NEEDS", "Need",
+__all__ = ["ATTENTION_NEEDS", "AttentionMap", "COMMON_PARAMS", "DenseMap", "CostModel", "ForwardRecord", "Geometry", "LayerRecord", "NEEDS", "Need",
            "Param", "ReductionInfo", "ReductionMethod", "Site", "Status", "Taps", "TokenState", "adapters",
            "all_needs", "candidate_sites", "get_method", "list_methods", "method_params", "params", "register_adapter",
            "register_method", "resolve_params", "run_begin", "run_reduce"]

@@ -9,16 +9,19 @@ one forward needs to pass from site to site is its ``carry`` (:meth:`begin`), wh
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Dict, FrozenSet, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, FrozenSet, Optional, Tuple, Union
 
 import torch
 
+from .attention_map import AttentionMap
 from .geometry import Geometry
 from .params import Param
 from .requirements import Need, Site
 from .state import TokenState
 
 ProbsFn = Callable[[torch.Tensor], torch.Tensor]
+#: What :meth:`ReductionMethod.attention_probs` returns: a replacement softmax, or the probabilities themselves.
+Probs = Union[ProbsFn, torch.Tensor, AttentionMap]
 
 
 class ReductionMethod:
@@ -96,14 +99,16 @@ class ReductionMethod:
             return None
         return size.log()[:, None, None, :]
 
-    def attention_probs(self, state: TokenState) -> Optional[ProbsFn]:
+    def attention_probs(self, state: TokenState) -> Optional[Probs]:
         """With ``Need.ATTENTION_PROBS``: a replacement for the softmax of this layer's attention, or None.
 
-        Called before the layer's attention with the state entering the layer (``carry`` included). The function
+        Called before the layer's attention with the state entering the layer (``carry`` included). A function
         maps the logits ``[B, H, N, N]`` (scaled ``q·kᵀ`` plus the attention bias) to probabilities of the same
-        shape; the adapter then evaluates that layer's attention eagerly with them. Only a method whose gradient
-        must flow through the probabilities (DiffRate's rate search) or that merges the attention map itself
-        (MCTF) needs this; every other layer keeps fused attention.
+        shape; the adapter then evaluates that layer's attention eagerly with them. A tensor ``[B, H, N, N]`` or an
+        :class:`~tokenreduce.core.AttentionMap` *is* the probabilities (MCTF's merged map): where the layer calls
+        SDPA the adapter then computes ``map.apply(v)`` and no ``q·kᵀ``, and the layer's MACs count just that product. Only a method whose gradient must flow through the
+        probabilities (DiffRate's rate search, LTMP's training) or that merges the attention map itself (MCTF)
+        needs this; every other layer keeps fused attention.
         """
         return None
 

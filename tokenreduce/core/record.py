@@ -24,13 +24,15 @@ class Status(str, enum.Enum):
 class LayerRecord:
     """What one reduction host (block / layer) did: tokens entering its attention, its MLP, and leaving it, and
     the tokens of a look-ahead pass of its attention projections (``BLOCK_IN`` methods read the block's attention
-    on its input before reducing; 0 when none ran)."""
+    on its input before reducing; 0 when none ran), and, when its attention took probabilities a method gave so
+    that no ``QKᵀ`` ran (MCTF's one-step-ahead blocks), the keys of its ``P·V`` product (0 otherwise)."""
 
     layer: int
     tokens_in: int
     tokens_mid: int
     tokens_out: int
     tokens_preview: int = 0
+    pv_tokens: int = 0
 
 
 @dataclass
@@ -88,10 +90,10 @@ class ForwardRecord:
         """Index of the last host that ran (-1 before any)."""
         return self.layers[-1].layer if self.layers else -1
 
-    def cost_blocks(self) -> List[Tuple[int, int, int]]:
-        """``[(tokens into attention, tokens into MLP, tokens of a look-ahead pass)]`` per host that ran, for a
-        :class:`~tokenreduce.core.CostModel`."""
-        return [(l.tokens_in, l.tokens_mid, l.tokens_preview) for l in self.layers]
+    def cost_blocks(self) -> List[Tuple[int, int, int, int]]:
+        """``[(tokens into attention, tokens into MLP, tokens of a look-ahead pass, keys of a given P·V)]`` per host
+        that ran, for a :class:`~tokenreduce.core.CostModel`."""
+        return [(l.tokens_in, l.tokens_mid, l.tokens_preview, l.pv_tokens) for l in self.layers]
 
     def ensure_size(self, x: torch.Tensor) -> torch.Tensor:
         """``size [B, N]``, created as ones the first time it is asked for (or when the tokens changed under it)."""
@@ -106,9 +108,10 @@ class ForwardRecord:
             self.source = torch.eye(n, dtype=x.dtype, device=x.device).expand(b, n, n)
         return self.source
 
-    def finish_layer(self, layer: int, n_in: int, n_mid: int, out: torch.Tensor, n_preview: int = 0) -> None:
+    def finish_layer(self, layer: int, n_in: int, n_mid: int, out: torch.Tensor, n_preview: int = 0,
+                     pv_tokens: int = 0) -> None:
         """Record a host's token counts and its output's batch, dtype and device."""
-        self.layers.append(LayerRecord(layer, n_in, n_mid, out.shape[1], n_preview))
+        self.layers.append(LayerRecord(layer, n_in, n_mid, out.shape[1], n_preview, pv_tokens))
         self.batch, self.dtype, self.device = out.shape[0], out.dtype, out.device
         self.taps.clear()
 

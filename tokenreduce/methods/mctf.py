@@ -23,14 +23,14 @@ q/k norm and fused attention of timm >= 1.0 work (upstream's block has none); mo
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, Dict, FrozenSet, List, NamedTuple, Optional
+from typing import Any, Dict, FrozenSet, List, NamedTuple, Optional
 
 import torch
 
-from ..core import Geometry, Need, Param, ReductionMethod, Site, TokenState, register_method
+from ..core import AttentionMap, DenseMap, Geometry, Need, Param, ReductionMethod, Site, TokenState, register_method
 from ..core.params import boolean, is_int, layer_list, real
-from ..ops.mctf import (bidirectional_assign, criteria_scores, mctf_r, merge_attention, pool_max, pool_weighted,
-                        split_positions)
+from ..ops.mctf import (bidirectional_assign, criteria_scores, mctf_r, merge_attention, merged_attention_output,
+                        pool_max, pool_weighted, split_positions)
 from ..ops.merge import merge_source
 
 #: Upstream's integer codes for ``pooling`` (``mctf_type[9]``).
@@ -38,10 +38,26 @@ POOLING_CODES = {0: "size", 1: "attn", 2: "max", 3: "mean"}
 
 
 class MergedAttention(NamedTuple):
-    """The carry of a one-step-ahead merge: block ``layer`` uses ``probs [B, H, N', N']`` as its attention."""
+    """The carry of a one-step-ahead merge: block ``layer`` uses ``probs`` (``[B, H, N', N']``) as its attention."""
 
     layer: int
-    probs: torch.Tensor
+    probs: AttentionMap
+
+
+class FactoredMergedMap(AttentionMap):
+    """The merged attention map of weighted pooling, kept as the unmerged map and the merge: the block's
+    ``map.apply(v)`` is :func:`~tokenreduce.ops.mctf.merged_attention_output` (``P·V`` over the N unmerged keys, then
+    the rows pooled), and the ``[B, H, N', N']`` matrix is built only where a layer's eager path needs it."""
+
+    def __init__(self, attn: torch.Tensor, assign: torch.Tensor, num_out: int, weight: torch.Tensor) -> None:
+        self.attn, self.assign, self.num_out, self.weight = attn, assign, num_out, weight
+        self.pv_tokens = int(attn.shape[-1])
+
+    def apply(self, v: torch.Tensor) -> torch.Tensor:
+        return merged_attention_output(self.attn, self.assign, self.weight, v)
+
+    def dense(self) -> torch.Tensor:
+        return merge_attention(self.attn, self.assign, self.num_out, self.weight)
 
 
 def check_r(v: Any) -> Optional[str]:
@@ -84,12 +100,6 @@ def pooling_weight(pooling: str, received: torch.Tensor, size: torch.Tensor) -> 
     if pooling == "mean":
         return torch.ones_like(size)
     return None
-
-
-def _fixed_probs(probs: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    def fixed(logits: torch.Tensor) -> torch.Tensor:
-        return probs.to(logits.dtype)
-    return fixed
 
 
 @register_method
@@ -150,12 +160,13 @@ class MCTF(ReductionMethod):
                     "attention) or 0 (merge after the block)")
         return ""
 
-    def attention_probs(self, state: TokenState) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
-        """In one-step-ahead mode 1, the merged attention map this block's merge left in the carry."""
+    def attention_probs(self, state: TokenState) -> Optional[AttentionMap]:
+        """In one-step-ahead mode 1, the merged attention map this block's merge left in the carry: the block uses
+        it as its probabilities and never computes ``q·kᵀ`` (upstream's block does not either)."""
         carry = state.carry
         if self.one_step_ahead != 1 or not isinstance(carry, MergedAttention) or carry.layer != state.layer:
             return None  # nothing merged here (r clamped to 0): the block computes its attention as usual
-        return _fixed_probs(carry.probs)
+        return carry.probs
 
     def reduce(self, state: TokenState) -> TokenState:
         t, p = state.num_tokens, state.num_prefix
@@ -174,5 +185,7 @@ class MCTF(ReductionMethod):
         source = merge_source(state.source, assign, num_out) if state.source is not None else None
         carry = state.carry
         if self.one_step_ahead == 1:
-            carry = MergedAttention(state.layer, merge_attention(attn, assign, num_out, weight))
+            probs = DenseMap(merge_attention(attn, assign, num_out, None)) if weight is None else \
+                FactoredMergedMap(attn, assign, num_out, weight)  # element-wise max does not factor
+            carry = MergedAttention(state.layer, probs)
         return state.replace(x=x, size=new_size, source=source, carry=carry)

@@ -167,3 +167,29 @@ def merge_attention(attn: torch.Tensor, assign: torch.Tensor, num_out: int,
     summed = cols.new_zeros(b, h, num_out, num_out).scatter_add_(2, rows, cols * w[:, None, :, None])
     total = w.new_zeros(b, num_out).scatter_add_(1, assign, w)
     return summed / total[:, None, :, None]
+
+
+def merged_attention_output(attn: torch.Tensor, assign: torch.Tensor, weight: torch.Tensor,
+                            v: torch.Tensor) -> torch.Tensor:
+    """``merge_attention(attn, assign, M, weight) @ v`` without building the merged map.
+
+    Args:
+        attn: ``[B, H, N, N]`` probabilities of the tokens before the merge.
+        assign: ``[B, N]`` output slot of every token.
+        weight: ``[B, N]`` pooling weights of the query rows.
+        v: ``[B, H, M, d]`` values of the merged tokens.
+
+    Returns:
+        ``[B, H, M, d]``. Summing a group's key columns and then multiplying by ``v`` is multiplying the unmerged map
+        by each key's slot value, ``attn @ v[assign]``; pooling the query rows is then a weighted mean of ``[N, d]``
+        rows. ``O(N²·d)`` and no ``[B, H, N, N]`` scatter, against ``O(N²)`` index traffic twice for the map.
+    """
+    b, h, n, _ = attn.shape
+    d = v.shape[-1]
+    per_key = v.gather(2, assign[:, None, :, None].expand(b, h, n, d))  # [B, H, N, d]: each key's slot value
+    out = attn.to(v.dtype) @ per_key  # [B, H, N, d]: the merged keys, each query row still apart
+    w = weight.to(v.dtype)
+    total = w.new_zeros(b, v.shape[2]).scatter_add_(1, assign, w)
+    rows = assign[:, None, :, None].expand(b, h, n, d)
+    summed = out.new_zeros(b, h, v.shape[2], d).scatter_add_(2, rows, out * w[:, None, :, None])
+    return summed / total[:, None, :, None]
