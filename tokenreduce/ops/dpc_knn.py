@@ -20,6 +20,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .merge import gather_tokens
+
 
 class Clusters(NamedTuple):
     """``assign [B, N]`` int64 cluster of every point (``0 <= assign < K``); ``centers [B, K]`` int64 index of every
@@ -83,7 +85,7 @@ def dpc_knn(x: torch.Tensor, num_clusters: int, k: int = 5, valid: Optional[torc
         delta = torch.where(denser(density), dist, largest).amin(dim=-1)
         score = delta * density
         centers = score.argsort(dim=-1, descending=True, stable=True)[:, :num_clusters]
-        to_centers = dist.gather(1, centers[:, :, None].expand(b, num_clusters, n))  # [B, K, N]: d(centre, j)
+        to_centers = gather_tokens(dist, centers)  # [B, K, N]: d(centre, j)
         assign = to_centers.argmin(dim=1)
         slots = torch.arange(num_clusters, device=x.device).expand(b, num_clusters)
         assign = assign.scatter(1, centers, slots)

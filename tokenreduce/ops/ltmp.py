@@ -15,6 +15,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from ..core import CostModel
+from .merge import gather_tokens
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -210,14 +211,14 @@ def merge_prune(x: torch.Tensor, size: torch.Tensor, importance: torch.Tensor, p
     m = int(counts.max())
     pack = pack[:, :m]
     keep = torch.arange(m, device=x.device)[None, :] < counts[:, None]        # [B, M]
-    y = y.gather(1, pack[..., None].expand(b, m, c))
+    y = gather_tokens(y, pack)
     s = s.gather(1, pack)
     safe = torch.where(keep, s, torch.ones_like(s))
     out_x = torch.where(keep[..., None], y / safe[..., None].to(y.dtype), torch.zeros_like(y))
     out_size = torch.where(keep, s, torch.zeros_like(s))
     out_source = None
     if src is not None:
-        out_source = torch.where(keep[..., None], src.gather(1, pack[..., None].expand(b, m, src.shape[-1])),
+        out_source = torch.where(keep[..., None], gather_tokens(src, pack),
                                  torch.zeros((), dtype=src.dtype, device=src.device))
     all_kept = bool((counts == m).all())
     return Reduced(out_x, out_size, out_source, None if all_kept else keep)

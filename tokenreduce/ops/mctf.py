@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .merge import merge_weighted
+from .merge import gather_tokens, merge_weighted
 
 
 def mctf_r(r: float, num_tokens: int, num_prefix: int) -> int:
@@ -114,7 +114,7 @@ def bidirectional_assign(scores: torch.Tensor, r: int, a_pos: torch.Tensor, b_po
     n_kept_a = na - r1
     slot_b = torch.empty(bsz, nb, dtype=torch.long, device=device)
     if bidirectional:
-        stage2 = scores.gather(1, kept_a[..., None].expand(bsz, n_kept_a, nb)).transpose(1, 2)  # [B, Nb, Na - r1]
+        stage2 = gather_tokens(scores, kept_a).transpose(1, 2)  # [B, Nb, Na - r1]
         max2, idx2 = stage2.max(dim=-1)
         order2 = max2.argsort(dim=-1, descending=True, stable=True)
         src_b, kept_b = order2[:, :r2], order2[:, r2:]

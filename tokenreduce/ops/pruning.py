@@ -17,6 +17,8 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from .merge import gather_tokens
+
 KeepSpec = Union[int, float]
 
 
@@ -177,9 +179,8 @@ def similarity_keep(keys: torch.Tensor, importance: torch.Tensor, num_prefix: in
         raise ValueError(f"the similarity stage can drop at most {m // 2} of {m} tokens, asked for {r}")
     body_keys = keys[:, num_prefix:]
     a_pos, b_pos = sequential_partition(importance[:, num_prefix:])
-    c = body_keys.shape[-1]
-    ka = body_keys.gather(1, a_pos.unsqueeze(-1).expand(-1, -1, c))
-    kb = body_keys.gather(1, b_pos.unsqueeze(-1).expand(-1, -1, c))
+    ka = gather_tokens(body_keys, a_pos)
+    kb = gather_tokens(body_keys, b_pos)
     sim = max_cosine(ka, kb)
     # Keep the len(A) - r least redundant A tokens (static shapes, no boolean masking: torch.compile friendly).
     a_kept = a_pos.gather(1, sim.topk(a_pos.shape[1] - r, dim=1, largest=False, sorted=False).indices)

@@ -224,10 +224,7 @@ class DiffRate(ReductionMethod):
                              f"this input has {state.num_tokens}. Feed the default image size, or learn rates for "
                              "this size with the rate search (tokenreduce search-rates)")
         order = sort_by_importance(state.cls_attn, self.num_prefix)
-        x, size, source = permute_tokens(order, state.x, state.size, state.source)
-        if prune < x.shape[1]:
-            x, size = x[:, :prune], size[:, :prune]
-            source = source[:, :prune] if source is not None else None
+        x, size, source = permute_tokens(order[:, :prune], state.x, state.size, state.source)  # sort, then prune
         if merge < x.shape[1]:
             x, size, source = similarity_merge(x, size, source, merge, self.num_prefix)
         return state.replace(x=x, size=size, source=source, kept=order[:, :x.shape[1]])
