@@ -376,3 +376,20 @@ def test_pretrained_path_with_local_checkpoint(tmp_path, monkeypatch):
         tokenreduce.patch(model, "tome", r=3)
         assert model(x).shape == (2, 7)
     assert tokenreduce.info(model).tokens_per_layer[:3] == [17, 14, 11]
+
+
+def test_projection_plan_computes_only_the_columns_read():
+    """timm's fused qkv keeps one contiguous range of columns; separate q/k/v linears are skipped whole; a read set
+    that is not one range computes the linear whole."""
+    from tokenreduce.backbones.layer_host import projection_plan
+    from tokenreduce.backbones.timm_vit import TimmBlockFamily
+    model = tiny_vit()
+    proj = TimmBlockFamily().projections(model.blocks[0])
+    qkv, c = model.blocks[0].attn.qkv, model.blocks[0].attn.qkv.in_features
+    assert projection_plan(proj, frozenset("qk")) == (((qkv, slice(0, 2 * c)),), c * c)
+    assert projection_plan(proj, frozenset("v")) == (((qkv, slice(2 * c, 3 * c)),), 2 * c * c)
+    assert projection_plan(proj, frozenset("qv")) == ((), 0)
+    assert projection_plan(proj, frozenset("qkv")) == ((), 0)
+    linears = {n: torch.nn.Linear(8, 8) for n in "qkv"}
+    separate = {n: (m, slice(None)) for n, m in linears.items()}
+    assert projection_plan(separate, frozenset("v")) == (((linears["q"], None), (linears["k"], None)), 128)

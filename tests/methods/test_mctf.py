@@ -348,3 +348,31 @@ def test_torch_compile_inductor_reused_attention():
         eager = model(x)
         got = torch.compile(model, fullgraph=True)(x)
     torch.testing.assert_close(got, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_projections_nobody_reads_are_not_computed():
+    """The look-ahead pass computes only q and k (not v) on the block's input; a block given the merged map computes
+    only v (not q, k) on the merged tokens: the qkv linear's MACs, counted by FlopCounterMode, are exactly those,
+    and ``info().macs`` leaves the skipped columns out."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model, x = _timm(), _images()
+    tokenreduce.patch(model, "mctf", r=6)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x)
+    counts = {name.split("VisionTransformer.")[-1]: sum(v.values()) for name, v in counter.get_flop_counts().items()}
+    rec = tokenreduce.api._adapter_of(model).record
+    width = model.blocks[0].attn.qkv.in_features  # q, k and v are each this wide here
+    acted = 0
+    for layer in rec.layers:
+        got = counts[f"blocks.{layer.layer}.attn.qkv"] / (2 * x.shape[0])
+        if layer.tokens_preview:
+            acted += 1
+            assert got == width * width * (2 * layer.tokens_preview + layer.tokens_in)
+            assert layer.linear_skipped == width * width * (layer.tokens_preview + 2 * layer.tokens_in)
+        else:
+            assert got == 3 * width * width * layer.tokens_in and layer.linear_skipped == 0
+    assert acted == 3
+    cost = tokenreduce.api._adapter_of(model).host.cost(0.0)
+    full = cost.macs([(l.tokens_in, l.tokens_mid, l.tokens_preview, l.pv_tokens) for l in rec.layers])
+    assert full - cost.macs(rec.cost_blocks()) == sum(l.linear_skipped for l in rec.layers)

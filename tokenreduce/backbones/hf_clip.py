@@ -16,7 +16,7 @@ The same family serves SigLIP's encoder layers (same structure, no CLS token).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, FrozenSet, Optional
+from typing import Any, Dict, FrozenSet, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -66,6 +66,10 @@ class HFEncoderFamily(LayerFamily):
 
     def to_heads(self, layer: nn.Module, name: str, output: torch.Tensor) -> torch.Tensor:
         return split_heads(output, self.num_heads(layer))
+
+    def projections(self, layer: nn.Module) -> Dict[str, Tuple[nn.Linear, slice]]:
+        attn = layer.self_attn
+        return {"q": (attn.q_proj, slice(None)), "k": (attn.k_proj, slice(None)), "v": (attn.v_proj, slice(None))}
 
     def num_heads(self, layer: nn.Module) -> int:
         return int(layer.self_attn.num_heads)

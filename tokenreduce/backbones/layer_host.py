@@ -67,6 +67,11 @@ class LayerFamily:
         """A captured output as ``[B, H, N, d]``."""
         raise NotImplementedError
 
+    def projections(self, layer: nn.Module) -> Dict[str, Tuple[nn.Linear, slice]]:
+        """``{"q"|"k"|"v": (linear, output columns)}``: where the layer projects each, so that a pass reading only
+        some of them computes only those (:class:`SkipProjections`). Empty when unknown: everything is computed."""
+        return {}
+
     def num_heads(self, layer: nn.Module) -> int:
         raise NotImplementedError
 
@@ -191,6 +196,68 @@ def analysis(needs: FrozenSet[str], q: Optional[torch.Tensor], k: Optional[torch
     return out
 
 
+ProjectionPlan = Tuple[Tuple[nn.Linear, Optional[slice]], ...]
+
+
+def projection_plan(projections: Dict[str, Tuple[nn.Linear, slice]], read: FrozenSet[str]) -> Tuple[ProjectionPlan, int]:
+    """What to compute of a layer's q / k / v projections when only the names in ``read`` are used.
+
+    Returns ``(plan, skipped)``: for every projection linear holding a name not read, the one contiguous range of
+    output columns still computed (None: nothing), and the MACs per token left out. A linear whose read columns are
+    not one range is computed whole (it is not in the plan).
+    """
+    by_linear: Dict[int, Tuple[nn.Linear, List[Tuple[int, int]], List[Tuple[int, int]]]] = {}
+    for name, (linear, cols) in projections.items():
+        start, stop, _ = cols.indices(linear.out_features)
+        entry = by_linear.setdefault(id(linear), (linear, [], []))
+        entry[1 if name in read else 2].append((start, stop))
+    plan, skipped = [], 0
+    for linear, kept, dropped in by_linear.values():
+        if not dropped:
+            continue
+        kept.sort()
+        if any(a[1] != b[0] for a, b in zip(kept, kept[1:])):
+            continue
+        cols = slice(kept[0][0], kept[-1][1]) if kept else None
+        plan.append((linear, cols))
+        skipped += linear.in_features * (linear.out_features - (cols.stop - cols.start if cols else 0))
+    return tuple(plan), skipped
+
+
+class SkipProjections(TorchFunctionMode):
+    """Inside one call of a layer's attention, compute only the q / k / v columns that will be read: ``F.linear``
+    on a planned weight computes its kept columns and leaves zeros in the others (a look-ahead pass stops at its
+    taps; a layer given its probabilities reads only v). The skipped MACs are recorded by the host."""
+
+    def __init__(self, plan: ProjectionPlan) -> None:
+        super().__init__()
+        self.plan = plan
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x = args[0]
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            for linear, cols in self.plan:
+                if weight is linear.weight:
+                    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                    return _columns_only(func, x, weight, bias, cols)
+        return func(*args, **kwargs)
+
+
+def _columns_only(linear_fn: Callable[..., torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
+                  bias: Optional[torch.Tensor], cols: Optional[slice]) -> torch.Tensor:
+    """``linear_fn(x, weight, bias)`` with only the output columns ``cols`` computed, zeros elsewhere."""
+    shape = (*x.shape[:-1], weight.shape[0])
+    if cols is None:
+        autocast = torch.is_autocast_enabled(x.device.type)
+        return x.new_zeros(shape, dtype=torch.get_autocast_dtype(x.device.type) if autocast else x.dtype)
+    part = linear_fn(x, weight[cols], None if bias is None else bias[cols])
+    out = part.new_zeros(shape)
+    out[..., cols] = part
+    return out
+
+
 class ReplaceSoftmax(TorchFunctionMode):
     """Inside one call of a layer's attention, use a method's probabilities instead of softmax.
 
@@ -312,6 +379,12 @@ class LayerHost:
         self.preview_taps = {mode: [tuple(sorted(self._taps_for(needs))) for needs in per_layer]
                              for mode, per_layer in self.needs_by_mode.items()}
         self.previewing: Tuple[str, ...] = ()  # set only while a preview pass runs
+        # Projections a pass does not read are not computed: a preview reads only its taps, a layer given its
+        # attention probabilities only v. (plan, MACs per token skipped) per mode / layer.
+        projections = [self.family.projections(layer) for layer in self.layers]
+        self.preview_plans = {mode: [projection_plan(proj, frozenset(taps)) for proj, taps in zip(projections, per)]
+                              for mode, per in self.preview_taps.items()}
+        self.given_plans = [projection_plan(proj, frozenset({"v"})) for proj in projections]
         for i, layer in enumerate(self.layers):
             patcher.set_forward(layer, LayerForward(self, i))
             taps = self._taps_for(self.needs_by_mode[False][i] | self.needs_by_mode[True][i])
@@ -361,11 +434,17 @@ class LayerHost:
         if acts and Need.ATTENTION_PROBS in self._needs(i):
             probs = method.attention_probs(self._state(rec, i, x, {}))
         pv_report = [0]  # the keys of a given P·V, when the layer took given probabilities on its SDPA path
+        skipped = 0  # MACs of projections not computed (here and in the preview)
         if probs is None:
             h = family.attend(layer, h, mask, kwargs)
-        else:
+        elif callable(probs) and not isinstance(probs, (torch.Tensor, AttentionMap)):
             with ReplaceSoftmax(probs, pv_report):
                 h = family.attend(layer, h, mask, kwargs)
+        else:  # the probabilities themselves: q and k are never read
+            plan, per_token = self.given_plans[i]
+            with ReplaceSoftmax(probs, pv_report), SkipProjections(plan):
+                h = family.attend(layer, h, mask, kwargs)
+            skipped += per_token * x.shape[1]
         x = x + family.residual_attn(layer, h)
         if acts and self.site == Site.BLOCK_MID:
             x = self._reduce(rec, i, x, mask)
@@ -374,8 +453,10 @@ class LayerHost:
         if acts and self.site == Site.BLOCK_OUT:
             x = self._reduce(rec, i, x, mask)
         previewed = acts and self.site == Site.BLOCK_IN and bool(self.preview_taps[bool(layer.training)][i])
+        if previewed:
+            skipped += self.preview_plans[bool(layer.training)][i][1] * n_in
         rec.finish_layer(i, n_in if self.site != Site.BLOCK_IN else n_mid, n_mid, x, n_in if previewed else 0,
-                         pv_report[0])
+                         pv_report[0], skipped)
         return x
 
     def _needs(self, i: int) -> FrozenSet[str]:
@@ -409,7 +490,8 @@ class LayerHost:
         if wanted:
             self.previewing = wanted
             try:
-                self.family.attend(layer, self.family.norm1(layer)(x), mask, dict(kwargs))
+                with SkipProjections(self.preview_plans[bool(layer.training)][i][0]):
+                    self.family.attend(layer, self.family.norm1(layer)(x), mask, dict(kwargs))
             except _PreviewDone:
                 pass
             finally:

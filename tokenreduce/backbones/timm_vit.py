@@ -77,6 +77,11 @@ class TimmBlockFamily(LayerFamily):
         b, n, _ = output.shape
         return output.reshape(b, n, 3, attn.num_heads, attn.head_dim)[:, :, 2].transpose(1, 2)
 
+    def projections(self, layer: nn.Module) -> Dict[str, Tuple[nn.Linear, slice]]:
+        attn = layer.attn
+        width = attn.num_heads * attn.head_dim  # timm's fused qkv: output columns [q | k | v]
+        return {name: (attn.qkv, slice(i * width, (i + 1) * width)) for i, name in enumerate("qkv")}
+
     def num_heads(self, layer: nn.Module) -> int:
         return int(layer.attn.num_heads)
 

@@ -15,7 +15,8 @@ class CostModel:
     with ``N_l`` the tokens entering layer l's attention, ``M_l`` those entering its MLP and ``P_l`` those of a
     look-ahead pass (q/k/v projections and ``QKᵀ``, no ``PV``) a ``BLOCK_IN`` method read before reducing. A layer
     whose attention took probabilities a method gave runs no ``QKᵀ``: its quadratic term is the ``PV`` product
-    alone, ``attn_quadratic[l]/2·V_l²`` over its ``V_l`` keys, instead of ``attn_quadratic[l]·N_l²``. Methods that meet a
+    alone, ``attn_quadratic[l]/2·V_l²`` over its ``V_l`` keys, instead of ``attn_quadratic[l]·N_l²``; projections
+    no pass read (a look-ahead pass's v, such a layer's q and k) are not computed and come off. Methods that meet a
     FLOPs budget (``target_flops``) or learn one (DiffRate, LTMP) use it; ``tokenreduce.info`` reports the same.
 
     Attributes:
@@ -36,12 +37,13 @@ class CostModel:
 
     def macs(self, blocks: Sequence[Tuple[int, ...]]) -> int:
         """MACs for ``[(tokens into attention, tokens into MLP[, tokens of a look-ahead pass[, keys of a given
-        P·V]])]`` per layer (layers not listed did not run)."""
+        P·V[, MACs of projections skipped]]])]`` per layer (layers not listed did not run)."""
         total = self.constant
         for l, (n, m, *rest) in enumerate(blocks):
             pv = rest[1] if len(rest) > 1 else 0
             quadratic = 0.5 * pv * pv if pv else n * n
             total += self.attn_linear[l] * n + self.attn_quadratic[l] * quadratic + self.mlp[l] * m
+            total -= rest[2] if len(rest) > 2 else 0
             p = rest[0] if rest else 0
             if p:
                 total += self.preview_linear[l] * p + 0.5 * self.attn_quadratic[l] * p * p

@@ -25,7 +25,9 @@ class LayerRecord:
     """What one reduction host (block / layer) did: tokens entering its attention, its MLP, and leaving it, and
     the tokens of a look-ahead pass of its attention projections (``BLOCK_IN`` methods read the block's attention
     on its input before reducing; 0 when none ran), and, when its attention took probabilities a method gave so
-    that no ``QKᵀ`` ran (MCTF's one-step-ahead blocks), the keys of its ``P·V`` product (0 otherwise)."""
+    that no ``QKᵀ`` ran (MCTF's one-step-ahead blocks), the keys of its ``P·V`` product (0 otherwise), and the
+    MACs of projections not computed because nothing read them (a look-ahead pass's v, a given-probabilities
+    block's q and k)."""
 
     layer: int
     tokens_in: int
@@ -33,6 +35,7 @@ class LayerRecord:
     tokens_out: int
     tokens_preview: int = 0
     pv_tokens: int = 0
+    linear_skipped: int = 0  # MACs per image of q / k / v projections left out because nothing read them
 
 
 @dataclass
@@ -90,10 +93,10 @@ class ForwardRecord:
         """Index of the last host that ran (-1 before any)."""
         return self.layers[-1].layer if self.layers else -1
 
-    def cost_blocks(self) -> List[Tuple[int, int, int, int]]:
-        """``[(tokens into attention, tokens into MLP, tokens of a look-ahead pass, keys of a given P·V)]`` per host
-        that ran, for a :class:`~tokenreduce.core.CostModel`."""
-        return [(l.tokens_in, l.tokens_mid, l.tokens_preview, l.pv_tokens) for l in self.layers]
+    def cost_blocks(self) -> List[Tuple[int, int, int, int, int]]:
+        """``[(tokens into attention, tokens into MLP, tokens of a look-ahead pass, keys of a given P·V, MACs of
+        projections skipped)]`` per host that ran, for a :class:`~tokenreduce.core.CostModel`."""
+        return [(l.tokens_in, l.tokens_mid, l.tokens_preview, l.pv_tokens, l.linear_skipped) for l in self.layers]
 
     def ensure_size(self, x: torch.Tensor) -> torch.Tensor:
         """``size [B, N]``, created as ones the first time it is asked for (or when the tokens changed under it)."""
@@ -109,9 +112,9 @@ class ForwardRecord:
         return self.source
 
     def finish_layer(self, layer: int, n_in: int, n_mid: int, out: torch.Tensor, n_preview: int = 0,
-                     pv_tokens: int = 0) -> None:
+                     pv_tokens: int = 0, linear_skipped: int = 0) -> None:
         """Record a host's token counts and its output's batch, dtype and device."""
-        self.layers.append(LayerRecord(layer, n_in, n_mid, out.shape[1], n_preview, pv_tokens))
+        self.layers.append(LayerRecord(layer, n_in, n_mid, out.shape[1], n_preview, pv_tokens, linear_skipped))
         self.batch, self.dtype, self.device = out.shape[0], out.dtype, out.device
         self.taps.clear()
 
