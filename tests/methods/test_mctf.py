@@ -78,7 +78,8 @@ def test_factored_output_is_the_merged_map_times_v():
     x = torch.randn(2, 11, 8, generator=g, dtype=torch.float64)
     received, size = attn.mean(dim=(1, 2)), torch.rand(2, 11, generator=g, dtype=torch.float64) + 1
     a_pos, b_pos = split_positions(11, 1)
-    assign, m = bidirectional_assign(criteria_scores(x, received, size, a_pos, b_pos, 1, 20, 40), 4, a_pos, b_pos, 11, 1)
+    scores = criteria_scores(x, received, size, a_pos, b_pos, 1, 20, 40)
+    assign, m = bidirectional_assign(scores, 4, a_pos, b_pos, 11, 1)
     weight = received * size
     v = torch.randn(2, 3, m, 5, generator=g, dtype=torch.float64)
     expected = merge_attention(attn, assign, m, weight) @ v

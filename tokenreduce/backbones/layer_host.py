@@ -199,7 +199,8 @@ def analysis(needs: FrozenSet[str], q: Optional[torch.Tensor], k: Optional[torch
 ProjectionPlan = Tuple[Tuple[nn.Linear, Optional[slice]], ...]
 
 
-def projection_plan(projections: Dict[str, Tuple[nn.Linear, slice]], read: FrozenSet[str]) -> Tuple[ProjectionPlan, int]:
+def projection_plan(projections: Dict[str, Tuple[nn.Linear, slice]], read: FrozenSet[str]
+                    ) -> Tuple[ProjectionPlan, int]:
     """What to compute of a layer's q / k / v projections when only the names in ``read`` are used.
 
     Returns ``(plan, skipped)``: for every projection linear holding a name not read, the one contiguous range of

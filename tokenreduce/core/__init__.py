@@ -18,7 +18,7 @@ from .registry import (COMMON_PARAMS, adapters, get_method, list_methods, method
 from .requirements import ATTENTION_NEEDS, NEEDS, Need, Site
 from .state import ReductionInfo, TokenState
 
-__all__ = ["ATTENTION_NEEDS", "AttentionMap", "COMMON_PARAMS", "DenseMap", "CostModel", "ForwardRecord", "Geometry", "LayerRecord", "NEEDS", "Need",
-           "Param", "ReductionInfo", "ReductionMethod", "Site", "Status", "Taps", "TokenState", "adapters",
-           "all_needs", "candidate_sites", "get_method", "list_methods", "method_params", "params", "register_adapter",
-           "register_method", "resolve_params", "run_begin", "run_reduce"]
+__all__ = ["ATTENTION_NEEDS", "AttentionMap", "COMMON_PARAMS", "CostModel", "DenseMap", "ForwardRecord", "Geometry",
+           "LayerRecord", "NEEDS", "Need", "Param", "ReductionInfo", "ReductionMethod", "Site", "Status", "Taps",
+           "TokenState", "adapters", "all_needs", "candidate_sites", "get_method", "list_methods", "method_params",
+           "params", "register_adapter", "register_method", "resolve_params", "run_begin", "run_reduce"]

@@ -106,9 +106,10 @@ class ReductionMethod:
         maps the logits ``[B, H, N, N]`` (scaled ``q·kᵀ`` plus the attention bias) to probabilities of the same
         shape; the adapter then evaluates that layer's attention eagerly with them. A tensor ``[B, H, N, N]`` or an
         :class:`~tokenreduce.core.AttentionMap` *is* the probabilities (MCTF's merged map): where the layer calls
-        SDPA the adapter then computes ``map.apply(v)`` and no ``q·kᵀ``, and the layer's MACs count just that product. Only a method whose gradient must flow through the
-        probabilities (DiffRate's rate search, LTMP's training) or that merges the attention map itself (MCTF)
-        needs this; every other layer keeps fused attention.
+        SDPA the adapter then computes ``map.apply(v)`` and no ``q·kᵀ``, and the layer's MACs count just that
+        product. Only a method whose gradient must flow through the probabilities (DiffRate's rate search, LTMP's
+        training) or that merges the attention map itself (MCTF) needs this; every other layer keeps fused
+        attention.
         """
         return None
 
