@@ -148,6 +148,9 @@ class VllmClipFamily(_bridge.HFEncoderFamily):
     def tap_modules(self, layer: nn.Module, names: FrozenSet[str]) -> Dict[str, nn.Module]:
         return {name: layer.self_attn.qkv_proj for name in names}
 
+    def projections(self, layer: nn.Module) -> Dict[str, Tuple[nn.Linear, slice]]:
+        return {}  # qkv_proj is a sharded tensor-parallel linear with its own GEMM (not F.linear): computed whole
+
     def to_heads(self, layer: nn.Module, name: str, output: Any) -> torch.Tensor:
         """The ``qkv_proj`` output -> ``[B, H, N, d]`` of q, k or v over all heads."""
         attn = layer.self_attn
