@@ -17,6 +17,7 @@ for one, applying its result to the :class:`~tokenreduce.core.ForwardRecord`, an
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -246,6 +247,11 @@ class SkipProjections(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def skip_projections(plan: ProjectionPlan) -> Any:
+    """:class:`SkipProjections` for a plan, or no mode at all when it skips nothing (no per-op interception)."""
+    return SkipProjections(plan) if plan else contextlib.nullcontext()
+
+
 def _columns_only(linear_fn: Callable[..., torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
                   bias: Optional[torch.Tensor], cols: Optional[slice]) -> torch.Tensor:
     """``linear_fn(x, weight, bias)`` with only the output columns ``cols`` computed, zeros elsewhere."""
@@ -438,14 +444,14 @@ class LayerHost:
         skipped = 0  # MACs of projections not computed (here and in the preview)
         if probs is None:
             h = family.attend(layer, h, mask, kwargs)
-        elif callable(probs) and not isinstance(probs, (torch.Tensor, AttentionMap)):
-            with ReplaceSoftmax(probs, pv_report):
-                h = family.attend(layer, h, mask, kwargs)
-        else:  # the probabilities themselves: q and k are never read
+        elif isinstance(probs, (torch.Tensor, AttentionMap)):  # the probabilities themselves: q, k never read
             plan, per_token = self.given_plans[i]
-            with ReplaceSoftmax(probs, pv_report), SkipProjections(plan):
+            with ReplaceSoftmax(probs, pv_report), skip_projections(plan):
                 h = family.attend(layer, h, mask, kwargs)
             skipped += per_token * x.shape[1]
+        else:  # a function of the logits
+            with ReplaceSoftmax(probs, pv_report):
+                h = family.attend(layer, h, mask, kwargs)
         x = x + family.residual_attn(layer, h)
         if acts and self.site == Site.BLOCK_MID:
             x = self._reduce(rec, i, x, mask)
@@ -491,7 +497,7 @@ class LayerHost:
         if wanted:
             self.previewing = wanted
             try:
-                with SkipProjections(self.preview_plans[bool(layer.training)][i][0]):
+                with skip_projections(self.preview_plans[bool(layer.training)][i][0]):
                     self.family.attend(layer, self.family.norm1(layer)(x), mask, dict(kwargs))
             except _PreviewDone:
                 pass

@@ -58,8 +58,7 @@ def sum_rows(x: torch.Tensor, assign: torch.Tensor, num_out: int) -> torch.Tenso
     b, n = assign.shape
     tail = x.shape[2:]
     rows = x.reshape(b * n, -1)
-    flat = (assign + torch.arange(b, device=assign.device).unsqueeze(1) * num_out).reshape(-1)
-    out = x.new_zeros(b * num_out, rows.shape[1]).index_add_(0, flat, rows)
+    out = x.new_zeros(b * num_out, rows.shape[1]).index_add_(0, flat_rows(assign, num_out), rows)
     return out.view(b, num_out, *tail)
 
 
@@ -95,8 +94,14 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if x.dim() == 2:
         return x.gather(1, index)
     b, n = x.shape[:2]
-    flat = (index + torch.arange(b, device=index.device).unsqueeze(1) * n).reshape(-1)
-    return x.reshape(b * n, -1).index_select(0, flat).view(*index.shape, *x.shape[2:])
+    return x.reshape(b * n, -1).index_select(0, flat_rows(index, n)).view(*index.shape, *x.shape[2:])
+
+
+def flat_rows(index: torch.Tensor, rows_per_sample: int) -> torch.Tensor:
+    """Per-sample row indices ``index [B, K]`` -> ``[B·K]`` rows of the batch flattened to ``B·rows_per_sample``
+    rows (sample b's row i is row ``b·rows_per_sample + i``)."""
+    offsets = torch.arange(index.shape[0], device=index.device).unsqueeze(1) * rows_per_sample
+    return (index + offsets).reshape(-1)
 
 
 
