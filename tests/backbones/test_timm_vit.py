@@ -393,3 +393,29 @@ def test_projection_plan_computes_only_the_columns_read():
     linears = {n: torch.nn.Linear(8, 8) for n in "qkv"}
     separate = {n: (m, slice(None)) for n, m in linears.items()}
     assert projection_plan(separate, frozenset("v")) == (((linears["q"], None), (linears["k"], None)), 128)
+
+
+@pytest.mark.parametrize("cols", [slice(0, 16), slice(16, 24), slice(8, 16)])
+def test_skipped_columns_cost_no_fill_and_no_copy_in_inference(cols):
+    """In inference a planned linear writes only its kept columns into a buffer no larger than those columns (plus
+    padding), and the full-width result still splits into q / k / v heads as a view; with autograd the skipped
+    columns are zeros. The kept columns equal the whole linear's either way."""
+    from tokenreduce.backbones.layer_host import SkipProjections
+    torch.manual_seed(0)
+    linear, x = torch.nn.Linear(8, 24), torch.randn(2, 5, 8)
+    full = linear(x)
+    with torch.no_grad(), SkipProjections(((linear, cols),)):
+        out = linear(x)
+    assert out.shape == full.shape
+    torch.testing.assert_close(out[..., cols], full[..., cols], rtol=0, atol=1e-6)
+    kept = cols.stop - cols.start
+    assert out.untyped_storage().nbytes() == 4 * (2 * 5 * kept + 24 - kept)
+    heads = out.reshape(2, 5, 3, 2, 4)  # timm's reshape into heads stays a view of that buffer
+    assert heads.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+    assert torch.isfinite(out).all()
+    with SkipProjections(((linear, cols),)):
+        graded = linear(x)
+    torch.testing.assert_close(graded[..., cols], full[..., cols], rtol=0, atol=1e-6)
+    rest = torch.ones(24, dtype=torch.bool)
+    rest[cols] = False
+    assert (graded[..., rest] == 0).all() and graded.requires_grad

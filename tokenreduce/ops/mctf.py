@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .merge import gather_tokens, merge_weighted
+from .merge import gather_tokens, merge_weighted, sum_rows
 
 
 def mctf_r(r: float, num_tokens: int, num_prefix: int) -> int:
@@ -182,14 +182,15 @@ def merged_attention_output(attn: torch.Tensor, assign: torch.Tensor, weight: to
     Returns:
         ``[B, H, M, d]``. Summing a group's key columns and then multiplying by ``v`` is multiplying the unmerged map
         by each key's slot value, ``attn @ v[assign]``; pooling the query rows is then a weighted mean of ``[N, d]``
-        rows. ``O(N²·d)`` and no ``[B, H, N, N]`` scatter, against ``O(N²)`` index traffic twice for the map.
+        rows. ``O(N²·d)`` and no ``[B, H, N, N]`` scatter, against ``O(N²)`` index traffic twice for the map. The
+        gather and the pooling move whole ``d``-rows of the ``B·H`` maps (``gather_tokens``, ``sum_rows``).
     """
     b, h, n, _ = attn.shape
-    d = v.shape[-1]
-    per_key = v.gather(2, assign[:, None, :, None].expand(b, h, n, d))  # [B, H, N, d]: each key's slot value
-    out = attn.to(v.dtype) @ per_key  # [B, H, N, d]: the merged keys, each query row still apart
+    m, d = v.shape[2], v.shape[3]
+    per_map = assign[:, None].expand(b, h, n).reshape(b * h, n)  # the slots, once per head
+    per_key = gather_tokens(v.reshape(b * h, m, d), per_map)  # [B·H, N, d]: each key's slot value
+    out = attn.to(v.dtype).reshape(b * h, n, n) @ per_key  # [B·H, N, d]: the merged keys, query rows still apart
     w = weight.to(v.dtype)
-    total = w.new_zeros(b, v.shape[2]).scatter_add_(1, assign, w)
-    rows = assign[:, None, :, None].expand(b, h, n, d)
-    summed = out.new_zeros(b, h, v.shape[2], d).scatter_add_(2, rows, out * w[:, None, :, None])
-    return summed / total[:, None, :, None]
+    out = out.view(b, h, n, d).mul_(w[:, None, :, None])
+    total = w.new_zeros(b, m).scatter_add_(1, assign, w)
+    return sum_rows(out.view(b * h, n, d), per_map, m).view(b, h, m, d).div_(total[:, None, :, None])
