@@ -93,3 +93,13 @@ def tiny_vit(**overrides) -> torch.nn.Module:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from scratch: Dynamo's caches (and its per-function recompile limit) would otherwise carry
+    one test's compiled code objects into the next, so that a test passes or fails by what ran before it."""
+    yield
+    import sys
+    if "torch._dynamo" in sys.modules:
+        torch._dynamo.reset()
