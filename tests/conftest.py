@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,5 @@ def _fresh_dynamo():
     """Each test compiles from scratch: Dynamo's caches (and its per-function recompile limit) would otherwise carry
     one test's compiled code objects into the next, so that a test passes or fails by what ran before it."""
     yield
-    import sys
     if "torch._dynamo" in sys.modules:
         torch._dynamo.reset()

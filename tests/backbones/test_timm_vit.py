@@ -419,3 +419,18 @@ def test_skipped_columns_cost_no_fill_and_no_copy_in_inference(cols):
     rest = torch.ones(24, dtype=torch.bool)
     rest[cols] = False
     assert (graded[..., rest] == 0).all() and graded.requires_grad
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_attention_probs_in_inference_equals_the_functional_softmax(autocast):
+    """The in-place shortcuts of inference (scaled, masked and softmaxed over the logits' own memory) give the
+    functional result, dtype included: under autocast, softmax chooses its output dtype and a float32 mask
+    promotes, so no in-place op is taken there."""
+    from tokenreduce.backbones.layer_host import attention_probs
+    q, k = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 7, 4)
+    bias = torch.randn(2, 1, 1, 7)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        want = ((q * 0.5) @ k.transpose(-2, -1) + bias).softmax(dim=-1)
+        got = attention_probs(q, k, 0.5, bias)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want)

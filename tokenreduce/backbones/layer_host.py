@@ -144,13 +144,19 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, bias: Option
     """
     logits = (q @ k.transpose(-2, -1)).mul_(scale)  # scaled in place: no scaled copy of q, no second logits
     if bias is not None:
-        logits = logits.add_(bias) if torch.broadcast_shapes(bias.shape, logits.shape) == logits.shape \
-            else logits + bias
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        in_place = bias.dtype == logits.dtype and torch.broadcast_shapes(bias.shape, logits.shape) == logits.shape
+        logits = logits.add_(bias) if in_place else logits + bias  # else: promote / broadcast as before
+    if not plain_inference(logits.device.type):
         return logits.softmax(dim=-1)
     # In inference the probabilities overwrite the logits: at ViT-B, batch 32, one [B, H, N, N] allocation (60 MB,
     # above the allocator's reuse threshold, so fresh pages every layer) less.
     return torch.softmax(logits, dim=-1, out=logits)
+
+
+def plain_inference(device_type: str) -> bool:
+    """Whether in-place and aliasing shortcuts are safe here: no autograd recording, no autocast (its ops choose
+    their own output dtype, ``out=`` ops do not), no torch.compile trace (it wants the functional ops)."""
+    return not (torch.is_grad_enabled() or torch.is_autocast_enabled(device_type) or torch.compiler.is_compiling())
 
 
 def _rows_of(bias: Optional[torch.Tensor], rows: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -268,11 +274,11 @@ def _columns_only(linear_fn: Callable[..., torch.Tensor], x: torch.Tensor, weigh
     rows. Where autograd, autocast or torch.compile is involved, the other columns are real zeros.
     """
     shape = (*x.shape[:-1], weight.shape[0])
-    autocast = torch.is_autocast_enabled(x.device.type)
     if cols is None:
+        autocast = torch.is_autocast_enabled(x.device.type)
         return x.new_zeros(shape, dtype=torch.get_autocast_dtype(x.device.type) if autocast else x.dtype)
     w, b = weight[cols], None if bias is None else bias[cols]
-    if autocast or torch.is_grad_enabled() or torch.compiler.is_compiling() or x.dtype != weight.dtype:
+    if not plain_inference(x.device.type) or x.dtype != weight.dtype:
         part = linear_fn(x, w, b)
         out = part.new_zeros(shape)
         out[..., cols] = part
@@ -284,7 +290,7 @@ def _columns_only(linear_fn: Callable[..., torch.Tensor], x: torch.Tensor, weigh
         torch.mm(rows, w.t(), out=part)
     else:
         torch.addmm(b, rows, w.t(), out=part)
-    return widened_view(buffer, shape, stop - start)
+    return widened_view(buffer, part.view(*shape[:-1], stop - start), shape[-1])
 
 
 def widened_buffer(num_rows: int, start: int, stop: int, width: int, like: torch.Tensor
@@ -299,15 +305,11 @@ def widened_buffer(num_rows: int, start: int, stop: int, width: int, like: torch
     return buffer, buffer[start:start + num_rows * kept].view(num_rows, kept)
 
 
-def widened_view(buffer: torch.Tensor, shape: Tuple[int, ...], kept: int) -> torch.Tensor:
-    """``shape [..., width]`` over a :func:`widened_buffer` whose rows are ``kept`` wide: row ``i``'s column
-    ``start + j`` is element ``j`` of the computed row ``i``; its other columns alias the neighbouring rows (or the
-    zero padding), so a reshape into heads stays a view. Never written to: the elements overlap."""
-    strides, step = [], kept
-    for n in reversed(shape[:-1]):
-        strides.append(step)
-        step *= n
-    return buffer.as_strided(shape, (*reversed(strides), 1))
+def widened_view(buffer: torch.Tensor, part: torch.Tensor, width: int) -> torch.Tensor:
+    """``[..., width]`` over a :func:`widened_buffer` holding the computed columns ``part [..., kept]``: each row's
+    computed columns are ``part``'s row, its other columns alias the neighbouring rows (or the zero padding), so a
+    reshape into heads stays a view. Never written to: the elements overlap."""
+    return buffer.as_strided((*part.shape[:-1], width), (*part.stride()[:-1], 1))
 
 
 class ReplaceSoftmax(TorchFunctionMode):
